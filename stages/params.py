@@ -1,0 +1,246 @@
+"""The one typed schema of params.yaml, shared by every stage.
+
+Defaults are the paper's / the reference implementation's (facebookresearch/dino, main_dino.py and
+the eval scripts); params.yaml overrides them for the small embedded default. Every stage validates
+the whole file before it writes anything; a bad file raises `ParamsError`, which the command line
+turns into exit status 2 with a message naming the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, ValidationInfo
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+SOURCES_WITH_ROOT = ("fashion-mnist", "imagefolder", "cifar")
+
+
+class ParamsError(ValueError):
+    """params.yaml is unreadable or invalid; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    """Strict: unknown keys, wrong types and coercions from strings are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _lists_to_tuples(cls, value: Any) -> Any:
+        # YAML has lists only; tuples keep sections frozen and hashable.
+        return tuple(value) if isinstance(value, list) else value
+
+
+def _crop_scale(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"must be (min, max) with 0 < min <= max <= 1, got {list(value)}")
+    return value
+
+
+class Paths(Section):
+    """Every file and folder the DAG reads or writes; dvc.yaml and the Snakefile refer to these."""
+
+    shards: str = "data/shards/fmnist"
+    checkpoints: str = "checkpoints"
+    teacher_backbone: str = "checkpoints/teacher_backbone.pth"
+    features: str = "features/fmnist"
+    metrics: str = "metrics"
+    plots: str = "plots"
+    dvclive: str = "dvclive"
+
+
+class Dataset(Section):
+    """The source dataset and how it becomes shards (stage `shard`)."""
+
+    source: Literal["fashion-mnist", "digits", "imagefolder", "cifar"] = "fashion-mnist"
+    root: str | None = "/usr/share/datasets/fashion-mnist"
+    subset: dict[Literal["train", "val"], PositiveInt | None] = Field(
+        default_factory=lambda: {"train": None, "val": None}
+    )
+    seed: int = 0
+    val_fraction: Fraction = 0.2  # for sources without an official split (digits)
+    shard_max_samples: PositiveInt = 10000
+    shard_max_bytes: PositiveInt = 1 << 30
+    image_format: Literal["png", "jpg"] = "png"
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, root: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if source in SOURCES_WITH_ROOT:
+            if root is None:
+                raise ValueError(f"required for source {source!r}")
+            if not Path(root).is_dir():
+                raise ValueError(f"no such directory (needed by source {source!r})")
+        return root
+
+
+class Model(Section):
+    """The backbone, named as in the reference (vit_tiny/small/base + patch_size, resnet50).
+
+    embed_dim/depth/num_heads override the named size for tiny CPU models; None keeps the
+    reference's (192/384/768 dims, 3/6/12 heads, depth 12).
+    """
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "resnet50"] = "vit_small"
+    patch_size: PositiveInt = 16
+    img_size: PositiveInt = 224
+    in_chans: PositiveInt = 3
+    embed_dim: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1  # student only
+
+
+class Pretrain(Section):
+    """DINO pretraining (stage `pretrain`); defaults as main_dino.py."""
+
+    epochs: PositiveInt = 100
+    batch_size_per_gpu: PositiveInt = 64
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: NonNegInt = 10
+    # head and loss
+    out_dim: PositiveInt = 65536
+    head_hidden_dim: PositiveInt = 2048
+    head_bottleneck_dim: PositiveInt = 256
+    head_nlayers: Annotated[int, Field(ge=1)] = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    warmup_teacher_temp: PositiveFloat = 0.04
+    teacher_temp: PositiveFloat = 0.04
+    warmup_teacher_temp_epochs: NonNegInt = 0
+    student_temp: PositiveFloat = 0.1
+    center_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    momentum_teacher: Annotated[float, Field(ge=0, le=1)] = 0.996
+    # optimisation
+    optimizer: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: PositiveFloat = 0.0005  # at global batch 256; scaled linearly
+    min_lr: NonNegFloat = 1e-6
+    warmup_epochs: NonNegInt = 10
+    weight_decay: NonNegFloat = 0.04
+    weight_decay_end: NonNegFloat = 0.4
+    clip_grad: NonNegFloat = 3.0  # per parameter tensor; 0 disables
+    freeze_last_layer: NonNegInt = 1
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # multi-crop
+    global_crops_number: Annotated[int, Field(ge=1, le=2)] = 2
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: NonNegInt = 8
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    global_crops_size: PositiveInt = 224
+    local_crops_size: PositiveInt = 96
+    # ablations (paper Tables 7, 14, 15)
+    teacher: Literal["ema", "student", "previous_epoch"] = "ema"
+    loss: Literal["ce", "mse"] = "ce"
+    predictor: bool = False
+    teacher_output: Literal["centering", "softmax", "sinkhorn"] = "centering"
+    # checkpoints, logging, safety
+    checkpoint_every_steps: NonNegInt = 0  # 0: only at each epoch's end
+    log_every_steps: PositiveInt = 10
+    collapse_patience_steps: NonNegInt = 200  # 0 disables the collapse guard
+    stop_on_collapse: bool = False
+    inject_nonfinite_at_step: NonNegInt | None = None  # fault tests only
+
+    _scales = field_validator("global_crops_scale", "local_crops_scale")(_crop_scale)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Pretrain":
+        if self.min_lr > self.lr:
+            raise ValueError(f"pretrain.min_lr = {self.min_lr} must be <= pretrain.lr = {self.lr}")
+        return self
+
+
+class Extract(Section):
+    """Frozen teacher features (stage `extract`); defaults as eval_knn.py."""
+
+    resize: PositiveInt = 256
+    crop_size: PositiveInt = 224
+    pooling: Literal["cls", "last_blocks", "cls_avgpool", "gem", "multiscale"] = "cls"
+    n_last_blocks: PositiveInt = 4
+    batch_size: PositiveInt = 128
+    num_workers: NonNegInt = 4
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Knn(Section):
+    """Weighted k-NN (paper Appendix F.1)."""
+
+    k: tuple[PositiveInt, ...] = (10, 20, 100, 200)
+    temperature: PositiveFloat = 0.07
+    baselines: bool = True  # also raw pixels and a randomly initialised backbone
+
+
+class Params(Section):
+    paths: Paths = Field(default_factory=Paths)
+    dataset: Dataset = Field(default_factory=Dataset)
+    model: Model = Field(default_factory=Model)
+    pretrain: Pretrain = Field(default_factory=Pretrain)
+    extract: Extract = Field(default_factory=Extract)
+    knn: Knn = Field(default_factory=Knn)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_are_mappings(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"the top level must be a mapping of sections, got {type(data).__name__}")
+        return data
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _describe(error: dict, source: str) -> str:
+    loc = tuple(p for p in error["loc"] if not isinstance(p, str) or not p.startswith("function-"))
+    key = ".".join(str(p) for p in loc if p != "[key]") or "(top level)"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{source}: unknown key {key!r}{hint} Allowed here: {', '.join(allowed)}"
+    msg = error["msg"].removeprefix("Value error, ")
+    shown = "" if error["type"] == "missing" else f" = {value!r}"
+    return f"{source}: {key}{shown}: {msg}"
+
+
+def validate_params(data: Any, source: str = "params") -> Params:
+    """Validate a parsed params mapping; raise ParamsError naming every bad key."""
+    try:
+        return Params.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors()]
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate_params(data, str(path))
