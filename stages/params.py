@@ -52,7 +52,7 @@ class Paths(Section):
 
     shards: str = "data/shards/fmnist"
     checkpoints: str = "checkpoints"
-    teacher_backbone: str = "checkpoints/teacher_backbone.pth"
+    teacher_backbone: str = "models/teacher_backbone.pth"
     features: str = "features/fmnist"
     metrics: str = "metrics"
     plots: str = "plots"

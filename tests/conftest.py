@@ -52,7 +52,7 @@ def tiny_params(root: Path, **overrides: dict) -> dict:
     params["paths"] = {
         "shards": str(root / "data/shards/digits"),
         "checkpoints": str(root / "checkpoints"),
-        "teacher_backbone": str(root / "checkpoints/teacher_backbone.pth"),
+        "teacher_backbone": str(root / "models/teacher_backbone.pth"),
         "features": str(root / "features/digits"),
         "metrics": str(root / "metrics"),
         "plots": str(root / "plots"),
