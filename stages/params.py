@@ -151,6 +151,7 @@ class Pretrain(Section):
     log_every_steps: PositiveInt = 10
     collapse_patience_steps: NonNegInt = 200  # 0 disables the collapse guard
     stop_on_collapse: bool = False
+    on_preempt: Literal["requeue", "exit"] = "requeue"  # SIGTERM/SIGUSR1: checkpoint, then this
     inject_nonfinite_at_step: NonNegInt | None = None  # fault tests only
 
     _scales = field_validator("global_crops_scale", "local_crops_scale")(_crop_scale)

@@ -1,0 +1,143 @@
+"""Pretraining data: random access into WebDataset shards, and epoch-seeded batches.
+
+Samples are read by offset from the (sha256-checked) tar files, so a dataset of any size is
+indexed in memory as (shard, offset, size, label) and every epoch is a permutation of it. The
+order of an epoch and the random augmentation of every sample are pure functions of
+(seed, epoch, index): a resumed run sees exactly the batches an uninterrupted run would, however
+many workers load them. Each rank takes a strided slice of the permutation, and every rank has the
+same number of batches per epoch so that all ranks step together.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from stages.shard_format import ShardError, read_manifest, shard_paths
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: int
+    offset: int
+    size: int
+    label: int
+    key: str
+
+
+def index_shards(shard_dir: str | Path, split: str, verify: bool = True) -> tuple[list[Path], list[Entry]]:
+    """Index every sample of a split; labels come from the .cls members."""
+    paths = shard_paths(shard_dir, split, verify=verify)
+    num_classes = len(read_manifest(shard_dir)["classes"])
+    entries: list[Entry] = []
+    for shard_number, path in enumerate(paths):
+        images: dict[str, tarfile.TarInfo] = {}
+        labels: dict[str, int] = {}
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if ext in IMAGE_EXTS:
+                        images[key] = member
+                    elif ext == "cls":
+                        text = tar.extractfile(member).read().decode().strip()
+                        if not text.lstrip("-").isdigit() or not 0 <= int(text) < num_classes:
+                            raise ShardError(f"{path}: sample {key!r}: class {text!r} is not in 0..{num_classes - 1}")
+                        labels[key] = int(text)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ShardError(f"{path}: unreadable shard ({exc})") from exc
+        for key, member in images.items():
+            if key not in labels:
+                raise ShardError(f"{path}: sample {key!r} has no .cls label")
+            entries.append(Entry(shard_number, member.offset_data, member.size, labels[key], key))
+    if not entries:
+        raise ShardError(f"{shard_dir}: split {split!r} has no samples")
+    return paths, entries
+
+
+class ShardImages(Dataset):
+    """Map-style view of a split. `dataset[(epoch, index)]` returns (transform(bytes), label)
+    with the transform's randomness seeded from (seed, epoch, index)."""
+
+    def __init__(self, shard_dir: str | Path, split: str, transform: Callable, seed: int = 0,
+                 verify: bool = True):
+        self.paths, self.entries = index_shards(shard_dir, split, verify=verify)
+        self.transform = transform
+        self.seed = seed
+        self._files: dict[int, object] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read_bytes(self, index: int) -> bytes:
+        if self._pid != os.getpid():  # a fresh worker must not share file offsets
+            self._files, self._pid = {}, os.getpid()
+        entry = self.entries[index]
+        handle = self._files.get(entry.shard)
+        if handle is None:
+            handle = self._files[entry.shard] = open(self.paths[entry.shard], "rb")
+        handle.seek(entry.offset)
+        data = handle.read(entry.size)
+        if len(data) != entry.size:
+            raise ShardError(f"{self.paths[entry.shard]}: sample {entry.key!r} is truncated")
+        return data
+
+    def sample_seed(self, epoch: int, index: int) -> int:
+        return int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        data = self.read_bytes(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed(epoch, index))
+            try:
+                views = self.transform(data)
+            except ShardError:
+                raise
+            except Exception as exc:  # name the sample, whatever the decoder raised
+                entry = self.entries[index]
+                raise ShardError(f"{self.paths[entry.shard]}: sample {entry.key!r}: {exc}") from exc
+        return views, self.entries[index].label
+
+
+class EpochBatches(Sampler):
+    """This rank's batches of one epoch: a seeded permutation, cut into global batches of
+    batch_size·world_size (the incomplete tail dropped), each rank taking its stride.
+
+    Yields lists of (epoch, index); `start_step` skips the batches a resumed run already did.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, start_step: int = 0):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.start_step = start_step
+        self.steps = num_samples // (batch_size * world_size)
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step, self.steps):
+            chunk = order[step * global_batch:(step + 1) * global_batch]
+            mine = chunk[self.rank::self.world_size]
+            yield [(self.epoch, int(i)) for i in mine]
+
+
+def collate_views(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """[(views, label)] -> ([stacked view 0, stacked view 1, ...], labels)."""
+    views = [torch.stack(group) for group in zip(*(item[0] for item in batch))]
+    labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
+    return views, labels

@@ -1,0 +1,402 @@
+"""Stage `pretrain`: DINO self-distillation (Caron et al. 2021) on the shards.
+
+    python -m stages.pretrain [--params params.yaml]
+
+One process per device; launched plainly, by torchrun or by srun (stages.distributed finds out).
+Schedules are per iteration (lr: linear warm-up then cosine; weight decay: cosine; teacher
+momentum: cosine to 1), computed once as arrays. A checkpoint is written every
+`checkpoint_every_steps` and at each epoch's end; a restarted stage resumes from the latest one
+with the same params, exactly (same batches, same augmentations, same RNG streams). SIGTERM or
+SIGUSR1 finishes the step, checkpoints, and exits (or requeues the SLURM job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from stages import preemption
+from stages.atomic import torch_save, write_json
+from stages.cli import StageError, run_stage
+from stages.distributed import DistInfo, all_gather_objects, init_distributed
+from stages.dino.augment import MultiCrop
+from stages.dino.backbones import build_backbone_from_params
+from stages.dino.collapse import CollapseError, CollapseGuard
+from stages.dino.data import EpochBatches, ShardImages, collate_views
+from stages.dino.head import DINOHead, build_predictor
+from stages.dino.loss import DINOLoss
+from stages.dino.model import MultiCropModel
+from stages.dino.optim import (
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_gradients_per_tensor,
+    param_groups,
+    set_schedules,
+)
+from stages.dino.schedules import cosine_scheduler
+from stages.dino.teacher import copy_weights, ema_update
+from stages.dino.training_state import load_latest, params_mismatch, rng_state, save_checkpoint, set_rng_state
+from stages.params import Params
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto': bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build_models(params: Params) -> tuple[MultiCropModel, MultiCropModel]:
+    """Student and teacher: same architecture, teacher without stochastic depth and predictor,
+    starting as an exact copy of the student."""
+    p = params.pretrain
+
+    def head() -> DINOHead:
+        return DINOHead(
+            student_backbone.embed_dim, p.out_dim, use_bn=p.use_bn_in_head,
+            norm_last_layer=p.norm_last_layer, nlayers=p.head_nlayers,
+            hidden_dim=p.head_hidden_dim, bottleneck_dim=p.head_bottleneck_dim,
+        )
+
+    student_backbone = build_backbone_from_params(params.model)
+    predictor = build_predictor(p.out_dim) if p.predictor else None
+    student = MultiCropModel(student_backbone, head(), predictor)
+    teacher = MultiCropModel(build_backbone_from_params(params.model, drop_path_rate=0.0), head())
+    teacher.load_state_dict(student.state_dict(), strict=False)  # all but the predictor
+    for param in teacher.parameters():
+        param.requires_grad = False
+    return student, teacher
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    steps_per_epoch: int
+
+    @classmethod
+    def from_params(cls, params: Params, steps_per_epoch: int, world_size: int) -> "Schedules":
+        p = params.pretrain
+        global_batch = p.batch_size_per_gpu * world_size
+        return cls(
+            lr=cosine_scheduler(p.lr * global_batch / 256.0, p.min_lr, p.epochs, steps_per_epoch,
+                                warmup_epochs=p.warmup_epochs),
+            wd=cosine_scheduler(p.weight_decay, p.weight_decay_end, p.epochs, steps_per_epoch),
+            momentum=cosine_scheduler(p.momentum_teacher, 1.0, p.epochs, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+        )
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)  # per-epoch mean loss
+
+
+class Trainer:
+    def __init__(self, params: Params, dist: DistInfo):
+        self.params, self.dist = params, dist
+        p = params.pretrain
+        self.device = self._device(p.device)
+        self.precision = resolve_precision(p.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
+        torch.manual_seed(p.seed + dist.rank)
+        np.random.seed(p.seed + dist.rank)
+
+        transform = MultiCrop(
+            p.global_crops_scale, p.local_crops_scale, p.local_crops_number,
+            global_size=p.global_crops_size, local_size=p.local_crops_size,
+            global_crops_number=p.global_crops_number,
+        )
+        self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed)
+        steps = len(self.dataset) // (p.batch_size_per_gpu * dist.world_size)
+        if steps == 0:
+            raise StageError(
+                f"{params.paths.shards}: {len(self.dataset)} training samples are fewer than one "
+                f"global batch ({p.batch_size_per_gpu} x {dist.world_size} ranks)"
+            )
+        self.schedules = Schedules.from_params(params, steps, dist.world_size)
+
+        self.student, self.teacher = build_models(params)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        # The teacher stays in train mode as in the reference: BatchNorm in its head (if any)
+        # normalises with batch statistics; it has no dropout or stochastic depth.
+        self.student_ddp: nn.Module = self.student
+        if dist.world_size > 1:
+            if p.use_bn_in_head and self.device.type == "cuda":
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[dist.local_rank] if self.device.type == "cuda" else None
+            )
+        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student))
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        ncrops = p.global_crops_number + p.local_crops_number
+        self.loss = DINOLoss(
+            p.out_dim, ncrops, p.warmup_teacher_temp, p.teacher_temp, p.warmup_teacher_temp_epochs,
+            p.epochs, student_temp=p.student_temp, center_momentum=p.center_momentum,
+            teacher_output=p.teacher_output, loss=p.loss,
+        ).to(self.device)
+        self.guard = CollapseGuard(p.out_dim, p.collapse_patience_steps, p.stop_on_collapse)
+        self.progress = Progress()
+        self.checkpoint_dir = Path(params.paths.checkpoints)
+        self.last_checkpoint: Path | None = None
+        self.last_stats: dict[str, float] = {}
+        self.saved_step = -1
+
+    def _device(self, wanted: str) -> torch.device:
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise StageError("pretrain.device = 'cuda' but no GPU is visible")
+        if wanted == "cpu":
+            return torch.device("cpu")
+        return self.dist.device
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "dino_loss": self.loss.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "collapse_guard": self.guard.state_dict(),
+            "epoch": self.progress.epoch,
+            "step_in_epoch": self.progress.step_in_epoch,
+            "global_step": self.progress.global_step,
+            "history": list(self.progress.history),
+            "rng": all_gather_objects(rng_state()),
+            "params": self.params.model_dump(mode="json"),
+        }
+
+    def save(self) -> None:
+        state = self.state()  # every rank takes part in gathering the RNG states
+        self.saved_step = self.progress.global_step
+        if self.dist.is_main:
+            self.last_checkpoint = save_checkpoint(self.checkpoint_dir, state)
+            logger.info("checkpoint at step %d -> %s", self.progress.global_step, self.last_checkpoint)
+
+    def try_resume(self) -> bool:
+        found = load_latest(self.checkpoint_dir, map_location=self.device)
+        if found is None:
+            return False
+        state, path = found
+        changed = params_mismatch(state.get("params", {}), self.params.model_dump(mode="json"))
+        if changed:
+            logger.warning("%s was trained with other params (%s): starting from scratch", path, ", ".join(changed))
+            return False
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["dino_loss"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state["collapse_guard"])
+        self.progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], list(state["history"]))
+        rngs = state["rng"]
+        set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        self.last_checkpoint = path
+        logger.info("resumed from %s at epoch %d, step %d", path, self.progress.epoch, self.progress.global_step)
+        return True
+
+    # -- training ------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, views: list[torch.Tensor]) -> torch.Tensor:
+        p, it, epoch = self.params.pretrain, self.progress.global_step, self.progress.epoch
+        set_schedules(self.optimizer, float(self.schedules.lr[it]), float(self.schedules.wd[it]))
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        if p.teacher == "student":
+            copy_weights(self.teacher, self.student)
+        with self.autocast():
+            teacher_output = self.teacher(views[: p.global_crops_number])
+            student_output = self.student_ddp(views)
+            loss = self.loss(student_output, teacher_output, epoch)
+        if p.inject_nonfinite_at_step is not None and it == p.inject_nonfinite_at_step:
+            loss = loss * float("nan")
+        if not math.isfinite(loss.item()):
+            raise StageError(
+                f"non-finite loss ({loss.item()}) at step {it} (epoch {epoch}); "
+                f"last good checkpoint: {self.last_checkpoint or 'none written yet'} (left intact)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if p.clip_grad > 0:
+            clip_gradients_per_tensor(self.student, p.clip_grad)
+        if epoch < p.freeze_last_layer:
+            cancel_last_layer_gradients(self.student.head.last_layer)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if p.teacher == "ema":
+            ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
+        return loss.detach()
+
+    def loader(self, epoch: int, start_step: int) -> DataLoader:
+        p = self.params.pretrain
+        batches = EpochBatches(len(self.dataset), p.batch_size_per_gpu, p.seed, epoch,
+                               self.dist.rank, self.dist.world_size, start_step)
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=p.num_workers,
+                          collate_fn=collate_views, pin_memory=self.device.type == "cuda")
+
+    def fit(self, live=None) -> dict:
+        p = self.params.pretrain
+        spe = self.schedules.steps_per_epoch
+        images_per_step = p.batch_size_per_gpu * self.dist.world_size
+        start_time, start_step = time.perf_counter(), self.progress.global_step
+        bar = tqdm(total=p.epochs * spe, initial=start_step, disable=not self.dist.is_main,
+                   unit="step", desc="pretrain", dynamic_ncols=True)
+        with preemption.handler() as stop:
+            while self.progress.epoch < p.epochs:
+                epoch = self.progress.epoch
+                losses = []
+                for views, _ in self.loader(epoch, self.progress.step_in_epoch):
+                    loss = self.train_step(views)
+                    losses.append(loss)
+                    self.progress.global_step += 1
+                    self.progress.step_in_epoch += 1
+                    step = self.progress.global_step
+                    if step % p.log_every_steps == 0 or self.progress.step_in_epoch == spe:
+                        self.log_step(live, loss, start_step, start_time)
+                    elapsed = time.perf_counter() - start_time
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(step - start_step) * images_per_step / elapsed:.0f}")
+                    bar.update(1)
+                    if self.progress.step_in_epoch == spe:
+                        continue  # the epoch's end checkpoints and checks for a stop below
+                    if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
+                        self.save()
+                    if stop.requested:
+                        self.stop(stop, bar)
+                if p.teacher == "previous_epoch":
+                    copy_weights(self.teacher, self.student)
+                mean_loss = torch.stack(losses).mean().item() if losses else float("nan")
+                self.progress.history.append(mean_loss)
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+                if live is not None:
+                    live.log_metric("epoch/loss", mean_loss)
+                    live.log_metric("epoch/epoch", epoch)
+                self.save()
+                if stop.requested:
+                    self.stop(stop, bar)
+        bar.close()
+        seconds = time.perf_counter() - start_time
+        trained = self.progress.global_step - start_step
+        return {
+            "loss": self.progress.history[-1],
+            "loss_first_epoch": self.progress.history[0],
+            "epochs": p.epochs,
+            "steps": self.progress.global_step,
+            "images_per_second": trained * images_per_step / seconds if trained else 0.0,
+            **{k: v for k, v in self.last_stats.items()},
+        }
+
+    def stop(self, stop: preemption.StopRequest, bar: tqdm) -> None:
+        """Leave after a stop signal; the step in flight was finished by the caller."""
+        if self.saved_step != self.progress.global_step:
+            self.save()
+        bar.close()
+        preemption.leave(stop.signal_name, self.last_checkpoint, requeue=self.params.pretrain.on_preempt == "requeue")
+
+    def log_step(self, live, loss: torch.Tensor, start_step: int, start_time: float) -> None:
+        p, it = self.params.pretrain, self.progress.global_step - 1
+        stats = {name: float(value) for name, value in self.loss.last_stats.items()}
+        stats["center_norm"] = float(self.loss.center.norm())
+        self.last_stats = stats
+        self.guard.update(it, p.log_every_steps, stats["teacher_entropy"], stats["batch_mean_entropy"])
+        if live is None:
+            return
+        live.step = it
+        live.log_metric("train/loss", float(loss))
+        live.log_metric("train/lr", float(self.schedules.lr[it]))
+        live.log_metric("train/wd", float(self.schedules.wd[it]))
+        live.log_metric("train/momentum", float(self.schedules.momentum[it]))
+        live.log_metric("train/teacher_temp", float(self.loss.teacher_temp_schedule[self.progress.epoch]))
+        for name, value in stats.items():
+            live.log_metric(f"train/{name}", value)
+
+
+def export_teacher(trainer: Trainer, path: str | Path) -> None:
+    """The teacher backbone alone, for the evaluation stages (read by load_backbone)."""
+    torch_save({
+        "teacher_backbone": trainer.teacher.backbone.state_dict(),
+        "model": trainer.params.model.model_dump(mode="json"),
+        "global_step": trainer.progress.global_step,
+    }, path)
+
+
+def open_live(params: Params, resume_step: int):
+    """dvclive logger; on resume, rows logged after the checkpoint's step are dropped first."""
+    from dvclive import Live
+
+    if resume_step:
+        _truncate_live_logs(Path(params.paths.dvclive), resume_step)
+    return Live(dir=params.paths.dvclive, resume=resume_step > 0, save_dvc_exp=False, dvcyaml=False)
+
+
+def _truncate_live_logs(directory: Path, resume_step: int) -> None:
+    for tsv in directory.glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        column = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[column]) < resume_step]
+        tsv.write_text("\n".join([header, *kept]) + "\n")
+
+
+def run(params: Params) -> dict:
+    dist = init_distributed()
+    trainer = Trainer(params, dist)
+    trainer.try_resume()
+    live = open_live(params, trainer.progress.global_step) if dist.is_main else None
+    try:
+        metrics = trainer.fit(live)
+    except CollapseError as exc:
+        raise StageError(str(exc)) from exc
+    finally:
+        if live is not None:
+            live.end()
+    if dist.is_main:
+        export_teacher(trainer, params.paths.teacher_backbone)
+        write_json(Path(params.paths.metrics) / "pretrain.json", metrics)
+        logger.info("pretrain done: %s", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("pretrain", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
