@@ -57,6 +57,7 @@ class Paths(Section):
     metrics: str = "metrics"
     plots: str = "plots"
     dvclive: str = "dvclive"
+    logs: str = "logs"  # Snakemake's per-rule log files (logs/<rule>.log)
 
 
 class Dataset(Section):
@@ -183,6 +184,44 @@ class Knn(Section):
     baselines: bool = True  # also raw pixels and a randomly initialised backbone
 
 
+class RuleResources(Section):
+    """What one Snakemake rule asks the scheduler for (the SLURM executor plugin's resources).
+
+    Locally only `cpus_per_task` matters (it becomes the rule's threads, capped by --cores).
+    None for `slurm_partition`/`slurm_extra` leaves the profile's default-resources in force.
+    """
+
+    nodes: PositiveInt = 1
+    tasks_per_node: PositiveInt = 1  # > 1 (or nodes > 1): one process per task via srun
+    gpus_per_node: NonNegInt = 0  # requested as --gres=gpu:N
+    cpus_per_task: PositiveInt = 2
+    mem_mb: PositiveInt = 8000  # per node
+    runtime: PositiveInt = 60  # minutes
+    slurm_partition: str | None = None
+    slurm_extra: str | None = None  # extra sbatch flags, e.g. "--qos=normal"
+
+
+def _gpu_job(cpus_per_task: int, mem_mb: int, runtime: int) -> RuleResources:
+    return RuleResources(
+        gpus_per_node=1, cpus_per_task=cpus_per_task, mem_mb=mem_mb, runtime=runtime, slurm_partition="gpu"
+    )
+
+
+class Resources(Section):
+    """Scheduler resources per Snakemake rule (DVC ignores this section; no stage reads it).
+
+    `launcher: auto` runs a multi-task rule (nodes * tasks_per_node > 1) as `srun python -m ...`
+    inside a SLURM allocation and as plain `python -m ...` elsewhere; `python` never uses srun.
+    A rule without an entry here gets RuleResources' defaults.
+    """
+
+    launcher: Literal["auto", "python"] = "auto"
+    shard: RuleResources = Field(default_factory=RuleResources)
+    pretrain: RuleResources = Field(default_factory=lambda: _gpu_job(10, 64000, 1440))
+    extract: RuleResources = Field(default_factory=lambda: _gpu_job(4, 32000, 60))
+    knn: RuleResources = Field(default_factory=lambda: RuleResources(mem_mb=16000))
+
+
 class Params(Section):
     paths: Paths = Field(default_factory=Paths)
     dataset: Dataset = Field(default_factory=Dataset)
@@ -190,6 +229,7 @@ class Params(Section):
     pretrain: Pretrain = Field(default_factory=Pretrain)
     extract: Extract = Field(default_factory=Extract)
     knn: Knn = Field(default_factory=Knn)
+    resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="before")
     @classmethod
