@@ -73,7 +73,9 @@ class Dataset(Section):
     shard_max_samples: PositiveInt = 10000
     shard_max_bytes: PositiveInt = 1 << 30
     image_format: Literal["png", "jpg"] = "png"
+    jpeg_quality: Annotated[int, Field(ge=1, le=100)] = 95  # only when re-encoding to jpg
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    num_workers: NonNegInt = 0  # processes decoding/encoding images; 0 = in the stage's process
 
     @field_validator("root")
     @classmethod
