@@ -402,6 +402,27 @@ def _build_kwargs(params: Params) -> dict[str, Any]:
     return kwargs
 
 
+def check_extract_params(params: Params) -> None:
+    """Refuse, before any work, combinations the schema cannot see: a token pooling on resnet50,
+    a ViT crop that is not a whole number of patches, more last blocks than the ViT has.
+
+    Raises:
+        StageError: naming the keys and the allowed values.
+    """
+    model, extract = params.model, params.extract
+    if model.arch == "resnet50":
+        if extract.pooling not in ("cls", "multiscale"):
+            raise StageError(f"extract.pooling = {extract.pooling!r} needs a ViT; model.arch = 'resnet50' "
+                             "allows 'cls' and 'multiscale'")
+        return
+    if extract.crop_size % model.patch_size:
+        raise StageError(f"extract.crop_size = {extract.crop_size} is not a multiple of model.patch_size = "
+                         f"{model.patch_size}")
+    depth = model.depth if model.depth is not None else 12
+    if extract.pooling == "last_blocks" and extract.n_last_blocks > depth:
+        raise StageError(f"extract.n_last_blocks = {extract.n_last_blocks} exceeds the model's {depth} blocks")
+
+
 def run(params: Params) -> dict[str, float]:
     """Stage `extract`: teacher features of the train and val shards into ``paths.features``.
 
@@ -414,6 +435,7 @@ def run(params: Params) -> dict[str, float]:
     from stages.distributed import barrier, init_distributed
     from stages.shard_format import read_manifest
 
+    check_extract_params(params)
     info = init_distributed()
     ckpt = Path(params.paths.teacher_backbone)
     if not ckpt.is_file():

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
@@ -140,7 +141,8 @@ def knn_classify_multi(
     index.add(_l2_normalise(train_x))
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
-    for start in range(0, test_x.shape[0], chunk_size):
+    starts = range(0, test_x.shape[0], chunk_size)
+    for start in tqdm(starts, desc=f"k-NN search (k <= {k_max})", unit="chunk", disable=len(starts) < 2):
         queries = _l2_normalise(test_x[start : start + chunk_size])
         targets = test_y[start : start + chunk_size]
         sims, neighbours = index.search(queries, k_max)  # (B, k_max), sorted by similarity
@@ -218,6 +220,7 @@ def pixel_features(params: Params, split: str) -> tuple[np.ndarray, np.ndarray]:
     from stages.extract import extract_split, pixel_transform
 
     transform = pixel_transform(params.extract.resize, params.extract.crop_size)
+    logger.info("raw-pixel baseline (%s): %d values per image, float32", split, 3 * params.extract.crop_size**2)
     feats, labels, _ = extract_split(params, split, nn.Identity(), transform=transform, pooling="cls")
     return feats.numpy(), labels.numpy()
 
@@ -271,6 +274,9 @@ def run(params: Params) -> dict[str, float]:
     del train_x, val_x
 
     if params.knn.baselines:
+        from stages.extract import check_extract_params
+
+        check_extract_params(params)  # the random-init baseline extracts like the extract stage
         pixels = {split: pixel_features(params, split) for split in ("train", "val")}
         metrics.update(_flat_metrics(_evaluate(params, pixels["train"], pixels["val"], num_classes, "pixels"), "pixels_"))
         del pixels

@@ -374,3 +374,21 @@ def test_extract_cli_reports_a_missing_checkpoint(tmp_path, caplog):
         assert main(["--params", str(path)]) == 1
     assert "teacher_backbone.pth: teacher backbone not found" in caplog.text
     assert not (tmp_path / "features").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"model": {"arch": "resnet50", "embed_dim": None, "depth": None, "num_heads": None},
+          "extract": {"pooling": "gem"}}, "extract.pooling = 'gem' needs a ViT"),
+        ({"extract": {"crop_size": 14, "resize": 14}}, "extract.crop_size = 14 is not a multiple of model.patch_size = 4"),
+        ({"extract": {"pooling": "last_blocks", "n_last_blocks": 3}}, "extract.n_last_blocks = 3 exceeds the model's 2"),
+    ],
+)
+def test_extract_refuses_inconsistent_params_before_any_work(tmp_path, overrides, message):
+    from stages.cli import StageError
+
+    params = validate_params(tiny_params(tmp_path, **overrides))
+    with pytest.raises(StageError, match=message):
+        extract_run(params)
+    assert not Path(params.paths.features).exists()
