@@ -231,7 +231,15 @@ def extract_features(
 
 
 def _gather(gather: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """all_gather_cat on the collective's device (nccl needs CUDA tensors); result on the CPU."""
+    """all_gather_cat on the process group's device (nccl needs CUDA tensors, gloo takes CPU
+    ones, whatever device the model ran on); result on the CPU. `device` is unused without a
+    process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    else:
+        device = torch.device("cpu")
     return gather(tensor.to(device)).cpu()
 
 
