@@ -28,7 +28,7 @@ from tqdm import tqdm
 from stages import preemption
 from stages.atomic import torch_save, write_json
 from stages.cli import StageError, run_stage
-from stages.distributed import DistInfo, all_gather_objects, init_distributed
+from stages.distributed import DistInfo, init_distributed
 from stages.dino.augment import MultiCrop
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
@@ -45,7 +45,7 @@ from stages.dino.optim import (
 )
 from stages.dino.schedules import cosine_scheduler
 from stages.dino.teacher import copy_weights, ema_update
-from stages.dino.training_state import load_latest, params_mismatch, rng_state, save_checkpoint, set_rng_state
+from stages.dino.training_state import all_rng_states, load_latest, params_mismatch, save_checkpoint, set_rng_state
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class Trainer:
             "step_in_epoch": self.progress.step_in_epoch,
             "global_step": self.progress.global_step,
             "history": list(self.progress.history),
-            "rng": all_gather_objects(rng_state()),
+            "rng": all_rng_states(),
             "params": self.params.model_dump(mode="json"),
         }
 
@@ -266,8 +266,12 @@ class Trainer:
         p = self.params.pretrain
         batches = EpochBatches(len(self.dataset), p.batch_size_per_gpu, p.seed, epoch,
                                self.dist.rank, self.dist.world_size, start_step)
+        # A generator of its own: a loader draws its workers' base seed when iterated, and from
+        # the global RNG that would shift the model's random stream on every resume.
+        generator = torch.Generator().manual_seed(p.seed * 100_003 + epoch)
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=p.num_workers,
-                          collate_fn=collate_views, pin_memory=self.device.type == "cuda")
+                          collate_fn=collate_views, pin_memory=self.device.type == "cuda",
+                          generator=generator)
 
     def fit(self, live=None) -> dict:
         p = self.params.pretrain
@@ -333,7 +337,7 @@ class Trainer:
         stats = {name: float(value) for name, value in self.loss.last_stats.items()}
         stats["center_norm"] = float(self.loss.center.norm())
         self.last_stats = stats
-        self.guard.update(it, p.log_every_steps, stats["teacher_entropy"], stats["batch_mean_entropy"])
+        self.guard.update(it, p.log_every_steps, stats["teacher_entropy"], stats["teacher_batch_entropy"])
         if live is None:
             return
         live.step = it
@@ -341,7 +345,6 @@ class Trainer:
         live.log_metric("train/lr", float(self.schedules.lr[it]))
         live.log_metric("train/wd", float(self.schedules.wd[it]))
         live.log_metric("train/momentum", float(self.schedules.momentum[it]))
-        live.log_metric("train/teacher_temp", float(self.loss.teacher_temp_schedule[self.progress.epoch]))
         for name, value in stats.items():
             live.log_metric(f"train/{name}", value)
 

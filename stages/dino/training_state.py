@@ -42,6 +42,15 @@ def rng_state() -> dict:
     return state
 
 
+def all_rng_states() -> list[dict]:
+    """Every rank's RNG states, in rank order (each rank resumes its own stream)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        states: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(states, rng_state())
+        return states
+    return [rng_state()]
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])

@@ -1,0 +1,120 @@
+"""Pretraining: exact resume after kill -9, non-finite loss, learning on a tiny run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_params, write_params
+from stages import pretrain, shard
+from stages.dino.training_state import LATEST
+from stages.params import validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    shard.run(validate_params(tiny_params(root)))
+    return root / "data/shards/digits"
+
+
+def params_at(root: Path, shards: Path, **pretrain_overrides) -> dict:
+    params = tiny_params(root, pretrain={"checkpoint_every_steps": 2, "log_every_steps": 1, **pretrain_overrides})
+    params["paths"]["shards"] = str(shards)
+    return params
+
+
+def start(params_file: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.pretrain", "--params", str(params_file)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def final_teacher(root: Path) -> dict:
+    state = torch.load(root / "checkpoints" / LATEST, weights_only=False)
+    assert state["global_step"] == 18
+    return state["teacher"]
+
+
+def wait_for_step(checkpoint_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        latest = checkpoint_dir / LATEST
+        if latest.exists():
+            try:
+                if torch.load(latest, weights_only=False)["global_step"] >= step:
+                    return
+            except Exception:  # being renamed into place
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+@pytest.mark.faults
+def test_resume_after_kill_is_bitwise_exact(tmp_path, shards):
+    reference_root = tmp_path / "uninterrupted"
+    pretrain.run(validate_params(params_at(reference_root, shards)))
+    expected = final_teacher(reference_root)
+
+    # Kill -9 right after the checkpoint of step 4, and mid-epoch 2 after step 12's, resuming
+    # each time with a data-loader worker (a run-only setting) to show workers change nothing.
+    root = tmp_path / "killed"
+    params_file = write_params(tmp_path / "params.yaml", params_at(root, shards))
+    for step in (4, 12):
+        proc = start(params_file)
+        wait_for_step(root / "checkpoints", step, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    write_params(params_file, params_at(root, shards, num_workers=1))
+    proc = start(params_file)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "resumed from" in output
+    got = final_teacher(root)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.faults
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, shards):
+    params_file = write_params(tmp_path / "params.yaml", params_at(tmp_path, shards, inject_nonfinite_at_step=5))
+    proc = start(params_file)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, output
+    checkpoint = tmp_path / "checkpoints" / LATEST
+    assert "non-finite loss (nan) at step 5 (epoch 0)" in output
+    assert str(checkpoint) in output
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 4
+    assert not Path(tiny_params(tmp_path)["paths"]["teacher_backbone"]).exists()
+
+
+def test_changed_params_start_from_scratch(tmp_path, shards, caplog):
+    params = params_at(tmp_path, shards, epochs=1)
+    pretrain.run(validate_params(params))
+    params["pretrain"]["lr"] = 0.001
+    with caplog.at_level("WARNING"):
+        metrics = pretrain.run(validate_params(params))
+    assert "other params (pretrain.lr)" in caplog.text
+    assert metrics["steps"] == 9
+
+
+def test_completed_run_is_not_repeated(tmp_path, shards, caplog):
+    params = validate_params(params_at(tmp_path, shards, epochs=1))
+    pretrain.run(params)
+    with caplog.at_level("INFO"):
+        metrics = pretrain.run(params)
+    assert "resumed from" in caplog.text and metrics["steps"] == 9
+    exported = torch.load(params.paths.teacher_backbone, weights_only=False)
+    assert set(exported) >= {"teacher_backbone", "model"}
