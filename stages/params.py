@@ -58,6 +58,8 @@ class Paths(Section):
     plots: str = "plots"
     dvclive: str = "dvclive"
     logs: str = "logs"  # Snakemake's per-rule log files (logs/<rule>.log)
+    linear: str = "models/linear"  # linear-evaluation checkpoint folder (resumable, persisted)
+    fewshot_subsets: str = "metrics/fewshot_subsets.json"  # the few-shot labelled subsets (keys)
 
 
 class Dataset(Section):
@@ -137,6 +139,7 @@ class Pretrain(Section):
     clip_grad: NonNegFloat = 3.0  # per parameter tensor; 0 disables
     freeze_last_layer: NonNegInt = 1
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile the backbones (GPU speed; same semantics)
     # multi-crop
     global_crops_number: Annotated[int, Field(ge=1, le=2)] = 2
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
@@ -186,6 +189,136 @@ class Knn(Section):
     baselines: bool = True  # also raw pixels and a randomly initialised backbone
 
 
+class Retrieval(Section):
+    """Image retrieval on Revisited Oxford/Paris (stage `retrieval`); defaults as the reference's
+    eval_image_retrieval.py (ViT-S/16: imsize 224, single scale, full query images)."""
+
+    root: str | None = None  # holds roxford5k/ and rparis6k/; None: the generated fixture
+    fixture: str = "data/fixtures/revisitop"  # where `python -m stages.fixtures.retrieval` writes
+    datasets: tuple[Literal["roxford5k", "rparis6k"], ...] = ("roxford5k", "rparis6k")
+    imsize: PositiveInt = 224  # longer image side (PIL thumbnail, as the reference)
+    multiscale: bool = False  # CLS averaged over scales 1, 1/sqrt(2), 1/2
+    crop_queries: bool = False  # crop queries to their bbx (revisitop protocol; the reference does not)
+    distractors: str | None = None  # a folder of images appended to every database (e.g. R1M)
+    kappas: tuple[PositiveInt, ...] = (1, 5, 10)  # mP@k
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: NonNegInt = 10
+
+
+class Copydetect(Section):
+    """Copy detection on Copydays (stage `copydetect`); defaults as the reference's
+    eval_copy_detection.py (ViT-B/8 at 320 px in the paper)."""
+
+    root: str | None = None  # holds original/, strong/, jpegqual/<q>/, crops/<c>/; None: the fixture
+    fixture: str = "data/fixtures/copydays"  # where `python -m stages.fixtures.copydays` writes
+    imsize: PositiveInt = 320  # images resized to imsize x imsize (bicubic)
+    distractors: str | None = None  # a folder of images added to the database (paper: 10k YFCC100M)
+    whitening: str | None = None  # a folder of images to learn PCA whitening on (paper: 20k YFCC100M)
+    topk: PositiveInt = 20  # results per query the AP is computed over
+    batch_size: PositiveInt = 128
+    num_workers: NonNegInt = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Davis(Section):
+    """DAVIS-2017 semi-supervised video object segmentation by label propagation (stage `davis`);
+    defaults as the reference's eval_video_segmentation.py (frames: shorter side 480, longer side
+    rounded down to a multiple of 64; the model's patch size)."""
+
+    root: str | None = None  # holds JPEGImages/480p, Annotations/480p, ImageSets/2017; None: the fixture
+    fixture: str = "data/fixtures/davis"  # where `python -m stages.fixtures.davis` writes
+    results: str = "results/davis"  # predicted palette PNGs, <results>/<sequence>/<frame>.png
+    n_last_frames: NonNegInt = 7  # previous frames (predicted soft masks) in the context
+    size_mask_neighborhood: NonNegInt = 12  # source window +-N patches around a target patch; 0: all
+    topk: PositiveInt = 5  # strongest sources kept per target patch
+    temperature: PositiveFloat = 0.1  # affinity exp(cos / temperature)
+    short_side: PositiveInt = 480  # frames resized so that the shorter side is this
+    long_side_multiple: PositiveInt = 64  # ... and the longer side rounded down to a multiple of this
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Linear(Section):
+    """Linear evaluation on frozen features (paper Sec. 4.1, Table 2); defaults as eval_linear.py.
+
+    ``mode: full`` trains on augmented images through the frozen backbone every epoch, as the
+    paper; ``mode: features`` trains on the extract stage's cached features (no augmentation), for
+    small compute. ``batch_size`` is global (the reference: 128 per GPU x 8 GPUs); the learning
+    rate is ``lr * batch_size / 256``. Features: the CLS tokens of the last ``n_last_blocks``
+    blocks (ViT-S: 4), or with ``avgpool_patchtokens`` the CLS and the mean patch token of the
+    last block (ViT-B: n_last_blocks 1).
+    """
+
+    mode: Literal["full", "features"] = "full"
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 1024  # global, over all ranks
+    lr: PositiveFloat = 0.001  # at batch 256, scaled linearly; cosine to 0 over the epochs
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 0.0
+    n_last_blocks: PositiveInt = 4
+    avgpool_patchtokens: bool = False
+    train_crop_size: PositiveInt = 224  # RandomResizedCrop side (mode full)
+    resize: PositiveInt = 256  # evaluation: resize the shorter side (bicubic) ...
+    crop_size: PositiveInt = 224  # ... then center crop
+    val_freq: PositiveInt = 1  # epochs between evaluations (the last epoch always)
+    seed: int = 0
+    num_workers: NonNegInt = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _pooling(self) -> "Linear":
+        if self.avgpool_patchtokens and self.n_last_blocks != 1:
+            raise ValueError(
+                f"linear.avgpool_patchtokens = true needs linear.n_last_blocks = 1 (CLS + average-pooled "
+                f"patch tokens of the last block, the paper's ViT-B setting), got {self.n_last_blocks}"
+            )
+        return self
+
+
+class Fewshot(Section):
+    """Logistic regression on frozen features with a fraction of the train labels (Table 12).
+
+    sklearn's multinomial LogisticRegression (L-BFGS) with an L2 penalty of inverse strength ``C``
+    on L2-normalised features; per class ``max(1, round(fraction * n_class))`` labelled samples,
+    drawn with ``seed`` (nested: the 1% subset lies inside the 10% one).
+    """
+
+    fractions: tuple[Fraction, ...] = (0.01, 0.1)
+    seed: int = 0
+    C: PositiveFloat = 1.0  # inverse L2 regularisation strength (sklearn's C)
+    max_iter: PositiveInt = 1000  # L-BFGS iterations at most
+
+
+class Attention(Section):
+    """Self-attention maps of the last block's CLS token (Figs 1, 3) and their Jaccard index
+    against PASCAL-VOC-layout masks (Fig. 4); defaults as visualize_attention.py."""
+
+    images: str | None = None  # folder of images; None: scikit-image's astronaut, chelsea, coffee
+    image_size: PositiveInt = 480  # images resized to image_size x image_size
+    threshold: Fraction = 0.6  # attention mass the masks keep
+    voc_root: str | None = None  # JPEGImages/ + SegmentationObject/ or SegmentationClass/; None: no Jaccard
+    voc_split: str = "val"  # ImageSets/Segmentation/<split>.txt when present, else every mask
+    max_images: PositiveInt | None = None  # VOC images evaluated at most (None: all)
+    baselines: bool = True  # also the Jaccard of a randomly initialised backbone
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("images", "voc_root")
+    @classmethod
+    def _folder_exists(cls, folder: str | None) -> str | None:
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError("no such directory")
+        return folder
+
+
+class Tsne(Section):
+    """t-SNE of the class-mean features (paper Appendix H, Fig. 11)."""
+
+    pca_dim: PositiveInt = 30  # PCA before t-SNE (capped by the number of classes and dims)
+    perplexity: PositiveFloat = 20.0  # capped at (n_classes - 1) / 3 for few classes
+    max_iter: PositiveInt = 1000
+    seed: int = 0
+    normalize: bool = True  # L2-normalise each feature before the class means
+
+
 class RuleResources(Section):
     """What one Snakemake rule asks the scheduler for (the SLURM executor plugin's resources).
 
@@ -222,6 +355,7 @@ class Resources(Section):
     pretrain: RuleResources = Field(default_factory=lambda: _gpu_job(10, 64000, 1440))
     extract: RuleResources = Field(default_factory=lambda: _gpu_job(4, 32000, 60))
     knn: RuleResources = Field(default_factory=lambda: RuleResources(mem_mb=16000))
+    linear: RuleResources = Field(default_factory=lambda: _gpu_job(10, 32000, 1440))
 
 
 class Params(Section):
@@ -231,6 +365,13 @@ class Params(Section):
     pretrain: Pretrain = Field(default_factory=Pretrain)
     extract: Extract = Field(default_factory=Extract)
     knn: Knn = Field(default_factory=Knn)
+    linear: Linear = Field(default_factory=Linear)
+    fewshot: Fewshot = Field(default_factory=Fewshot)
+    attention: Attention = Field(default_factory=Attention)
+    tsne: Tsne = Field(default_factory=Tsne)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
+    copydetect: Copydetect = Field(default_factory=Copydetect)
+    davis: Davis = Field(default_factory=Davis)
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="before")

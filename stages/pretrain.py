@@ -111,7 +111,7 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, params: Params, dist: DistInfo):
+    def __init__(self, params: Params, dist: DistInfo, steps_per_epoch: int | None = None):
         self.params, self.dist = params, dist
         p = params.pretrain
         self.device = self._device(p.device)
@@ -126,13 +126,15 @@ class Trainer:
             global_size=p.global_crops_size, local_size=p.local_crops_size,
             global_crops_number=p.global_crops_number,
         )
-        self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed)
-        steps = len(self.dataset) // (p.batch_size_per_gpu * dist.world_size)
-        if steps == 0:
-            raise StageError(
-                f"{params.paths.shards}: {len(self.dataset)} training samples are fewer than one "
-                f"global batch ({p.batch_size_per_gpu} x {dist.world_size} ranks)"
-            )
+        if steps_per_epoch is None:  # benchmarks pass it and feed synthetic batches instead
+            self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed)
+            steps_per_epoch = len(self.dataset) // (p.batch_size_per_gpu * dist.world_size)
+            if steps_per_epoch == 0:
+                raise StageError(
+                    f"{params.paths.shards}: {len(self.dataset)} training samples are fewer than one "
+                    f"global batch ({p.batch_size_per_gpu} x {dist.world_size} ranks)"
+                )
+        steps = steps_per_epoch
         self.schedules = Schedules.from_params(params, steps, dist.world_size)
 
         self.student, self.teacher = build_models(params)
@@ -148,7 +150,11 @@ class Trainer:
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[dist.local_rank] if self.device.type == "cuda" else None
             )
-        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student))
+        if p.compile:
+            # In place, so state-dict keys stay those of the reference format.
+            self.student.backbone.compile()
+            self.teacher.backbone.compile()
+        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         ncrops = p.global_crops_number + p.local_crops_number
         self.loss = DINOLoss(
@@ -162,6 +168,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_stats: dict[str, float] = {}
         self.saved_step = -1
+        self.pending_losses: list[tuple[int, int, torch.Tensor]] = []
+        self.epoch_losses: list[float] = []  # this epoch's, since the last checkpoint or start
+        self.last_loss = float("nan")
 
     def _device(self, wanted: str) -> torch.device:
         if wanted == "cuda" and not torch.cuda.is_available():
@@ -184,11 +193,13 @@ class Trainer:
             "step_in_epoch": self.progress.step_in_epoch,
             "global_step": self.progress.global_step,
             "history": list(self.progress.history),
+            "epoch_losses": list(self.epoch_losses),
             "rng": all_rng_states(),
             "params": self.params.model_dump(mode="json"),
         }
 
     def save(self) -> None:
+        self.check_losses()
         state = self.state()  # every rank takes part in gathering the RNG states
         self.saved_step = self.progress.global_step
         if self.dist.is_main:
@@ -212,6 +223,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state["collapse_guard"])
         self.progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], list(state["history"]))
+        self.epoch_losses = list(state["epoch_losses"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
         self.last_checkpoint = path
@@ -238,11 +250,9 @@ class Trainer:
             loss = self.loss(student_output, teacher_output, epoch)
         if p.inject_nonfinite_at_step is not None and it == p.inject_nonfinite_at_step:
             loss = loss * float("nan")
-        if not math.isfinite(loss.item()):
-            raise StageError(
-                f"non-finite loss ({loss.item()}) at step {it} (epoch {epoch}); "
-                f"last good checkpoint: {self.last_checkpoint or 'none written yet'} (left intact)"
-            )
+        self.pending_losses.append((it, epoch, loss.detach()))
+        if self.device.type == "cpu":
+            self.check_losses()  # free on CPU; on a GPU it waits for the batched check
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
@@ -261,6 +271,24 @@ class Trainer:
         if p.teacher == "ema":
             ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
         return loss.detach()
+
+    def check_losses(self) -> list[float]:
+        """Read the losses of the steps since the last check (one host sync) and stop at the
+        first non-finite one. On a GPU this runs at every log step and before every checkpoint,
+        so a checkpoint never holds weights updated by a non-finite step."""
+        if not self.pending_losses:
+            return []
+        values = torch.stack([loss for _, _, loss in self.pending_losses]).float().tolist()
+        pending, self.pending_losses = self.pending_losses, []
+        for (step, epoch, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise StageError(
+                    f"non-finite loss ({value}) at step {step} (epoch {epoch}); last good checkpoint: "
+                    f"{self.last_checkpoint or 'none written yet'} (left intact)"
+                )
+        self.epoch_losses.extend(values)
+        self.last_loss = values[-1]
+        return values
 
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         p = self.params.pretrain
@@ -283,19 +311,19 @@ class Trainer:
         with preemption.handler() as stop:
             while self.progress.epoch < p.epochs:
                 epoch = self.progress.epoch
-                losses = []
                 for views, _ in self.loader(epoch, self.progress.step_in_epoch):
-                    loss = self.train_step(views)
-                    losses.append(loss)
+                    self.train_step(views)
                     self.progress.global_step += 1
                     self.progress.step_in_epoch += 1
                     step = self.progress.global_step
-                    if step % p.log_every_steps == 0 or self.progress.step_in_epoch == spe:
-                        self.log_step(live, loss, start_step, start_time)
-                    elapsed = time.perf_counter() - start_time
-                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(step - start_step) * images_per_step / elapsed:.0f}")
+                    end_of_epoch = self.progress.step_in_epoch == spe
+                    if step % p.log_every_steps == 0 or end_of_epoch:
+                        self.check_losses()
+                        self.log_step(live, self.last_loss)
+                        rate = (step - start_step) * images_per_step / (time.perf_counter() - start_time)
+                        bar.set_postfix(loss=f"{self.last_loss:.3f}", img_s=f"{rate:.0f}")
                     bar.update(1)
-                    if self.progress.step_in_epoch == spe:
+                    if end_of_epoch:
                         continue  # the epoch's end checkpoints and checks for a stop below
                     if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
                         self.save()
@@ -303,10 +331,12 @@ class Trainer:
                         self.stop(stop, bar)
                 if p.teacher == "previous_epoch":
                     copy_weights(self.teacher, self.student)
-                mean_loss = torch.stack(losses).mean().item() if losses else float("nan")
+                self.check_losses()
+                mean_loss = float(np.mean(self.epoch_losses)) if self.epoch_losses else float("nan")
                 self.progress.history.append(mean_loss)
                 self.progress.epoch += 1
                 self.progress.step_in_epoch = 0
+                self.epoch_losses = []
                 if live is not None:
                     live.log_metric("epoch/loss", mean_loss)
                     live.log_metric("epoch/epoch", epoch)
@@ -332,7 +362,7 @@ class Trainer:
         bar.close()
         preemption.leave(stop.signal_name, self.last_checkpoint, requeue=self.params.pretrain.on_preempt == "requeue")
 
-    def log_step(self, live, loss: torch.Tensor, start_step: int, start_time: float) -> None:
+    def log_step(self, live, loss: float) -> None:
         p, it = self.params.pretrain, self.progress.global_step - 1
         stats = {name: float(value) for name, value in self.loss.last_stats.items()}
         stats["center_norm"] = float(self.loss.center.norm())
@@ -341,7 +371,7 @@ class Trainer:
         if live is None:
             return
         live.step = it
-        live.log_metric("train/loss", float(loss))
+        live.log_metric("train/loss", loss)
         live.log_metric("train/lr", float(self.schedules.lr[it]))
         live.log_metric("train/wd", float(self.schedules.wd[it]))
         live.log_metric("train/momentum", float(self.schedules.momentum[it]))
