@@ -182,7 +182,7 @@ def test_sinkhorn_marginals() -> None:
     q3 = sinkhorn_knopp(logits, 0.5, n_iterations=3)
     np.testing.assert_allclose(q3.double().numpy(), _sinkhorn_loop(logits.double().numpy(), 0.5, 3), rtol=1e-5)
     np.testing.assert_allclose(q3.sum(1).numpy(), np.ones(batch), rtol=1e-5)  # each sample: a distribution
-    q = sinkhorn_knopp(logits, 0.5, n_iterations=300)
+    q = sinkhorn_knopp(logits, 0.5, n_iterations=50)
     np.testing.assert_allclose(q.sum(1).numpy(), np.ones(batch), rtol=1e-5)
     np.testing.assert_allclose(q.sum(0).numpy(), np.full(k, batch / k), rtol=1e-4)  # equipartition
     # a constant shift of the logits changes nothing; huge logits do not overflow

@@ -88,6 +88,12 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     return torch.exp(log_q + math.log(n_samples)).t()
 
 
+def _pair_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_i Σ_{v ≠ i} Σ_{b,k} a[i] · b[v] for a (G, B, K) and b (V, B, K), G <= V; a 0-dim tensor."""
+    n_global = a.shape[0]
+    return (a.sum(0) * b.sum(0)).sum() - (a * b[:n_global]).sum()
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the sharpened, centred teacher and the student over crop pairs.
 
@@ -231,46 +237,44 @@ class DINOLoss(nn.Module):
         log_q = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         log_q = log_q.view(self.ncrops, batch, k)  # (V, B, K)
         p = self.teacher_probs(teacher_output, temp, n_global).view(n_global, batch, k)  # (G, B, K)
-        # Pair (teacher view i, student view v) is used iff v != i.
-        # (a float mask, not boolean indexing, which would sync with the host on a GPU).
-        pairs = 1.0 - torch.eye(n_global, self.ncrops, device=log_q.device)
         n_pairs = n_global * (self.ncrops - 1)
 
-        # cross[i, v] = mean_b H(p[i, b], q[v, b]) = -mean_b Σ_k p log q
-        cross = -torch.einsum("gbk,vbk->gv", p, log_q) / batch
+        # Pairs (teacher view i, student view v != i). Σ_i Σ_{v≠i} <a_i, b_v> = <Σ_i a_i, Σ_v b_v> −
+        # Σ_i <a_i, b_i>: two elementwise fp32 reductions over (B, K) instead of one per pair (the
+        # reference's loop) or a matmul (which autocast/TF32 would run in reduced precision).
+        ce = -_pair_sum(p, log_q) / (batch * n_pairs)
         if self.loss == "ce":
-            total = (cross * pairs).sum() / n_pairs
+            total = ce
         else:
-            s_hat = F.normalize(log_q.exp(), p=2, dim=-1)
-            t_hat = F.normalize(p, p=2, dim=-1)
-            # ||a - b||² for rows a, b, averaged over the batch, for each pair (g, v).
+            s_hat = F.normalize(log_q.exp(), p=2, dim=-1)  # (V, B, K)
+            t_hat = F.normalize(p, p=2, dim=-1)  # (G, B, K)
+            # Σ_pairs ||ŝ_v − t̂_i||² = Σ_pairs ||ŝ_v||² + Σ_pairs ||t̂_i||² − 2 Σ_pairs <t̂_i, ŝ_v>
+            s_sq = s_hat.square().sum(dim=(1, 2))  # (V,)
+            partners = torch.full((self.ncrops,), float(n_global), device=s_sq.device)
+            partners[:n_global] -= 1  # student view v < G is not paired with teacher view v
             sq = (
-                (s_hat * s_hat).sum(-1).mean(-1)[None, :]
-                + (t_hat * t_hat).sum(-1).mean(-1)[:, None]
-                - 2 * torch.einsum("gbk,vbk->gv", t_hat, s_hat) / batch
+                (s_sq * partners).sum()
+                + (self.ncrops - 1) * t_hat.square().sum()
+                - 2 * _pair_sum(t_hat, s_hat)
             )
-            total = (sq * pairs).sum() / n_pairs
+            total = sq / (batch * n_pairs)
 
         with torch.no_grad():
-            self.last_stats = self._stats(p, log_q, cross.detach(), pairs, temp)
+            self.last_stats = self._stats(p, log_q, ce.detach(), temp)
         self.update_center(teacher_output)
         return total
 
     @staticmethod
-    def _stats(
-        p: torch.Tensor, log_q: torch.Tensor, cross: torch.Tensor, pairs: torch.Tensor, temp: float
-    ) -> dict[str, torch.Tensor]:
-        """Collapse diagnostics from (G, B, K) targets, (V, B, K) student log-probs, (G, V) CE."""
-        neg_ent_t = torch.special.xlogy(p, p).sum(-1)  # (G, B)
+    def _stats(p: torch.Tensor, log_q: torch.Tensor, ce: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
+        """Collapse diagnostics from (G, B, K) targets, (V, B, K) student log-probs, the pair-mean CE."""
+        teacher_entropy = -torch.special.xlogy(p, p).sum(-1).mean()
         mean_p = p.flatten(0, 1).mean(0)
-        q = log_q.exp()
-        # KL(p_i || q_v) = H(p_i, q_v) - H(p_i), averaged over pairs
-        kl = ((cross + neg_ent_t.mean(-1)[:, None]) * pairs).sum() / pairs.sum()
+        # Every teacher view has ncrops − 1 partners, so mean KL(Pt‖Ps) = mean CE − mean H(Pt).
         return {
-            "teacher_entropy": -neg_ent_t.mean(),
+            "teacher_entropy": teacher_entropy,
             "teacher_batch_entropy": -torch.special.xlogy(mean_p, mean_p).sum(),
-            "student_entropy": -(q * log_q).sum(-1).mean(),
-            "kl": kl,
+            "student_entropy": -(log_q.exp() * log_q).sum(-1).mean(),
+            "kl": ce - teacher_entropy,
             "teacher_temp": torch.tensor(temp),
         }
 
