@@ -91,8 +91,11 @@ def clip_gradients_per_tensor(model: nn.Module, clip: float) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads or clip <= 0:
         return
-    norms = torch._foreach_norm(grads)
-    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+    coefs = torch._foreach_norm(grads)
+    torch._foreach_add_(coefs, 1e-6)
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    torch._foreach_clamp_max_(coefs, 1.0)
     torch._foreach_mul_(grads, coefs)
 
 
