@@ -140,7 +140,9 @@ class Pretrain(Section):
     freeze_last_layer: NonNegInt = 1
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the backbones (GPU speed; same semantics)
-    # multi-crop
+    # multi-crop: "pil" per sample in loader workers (the reference's pipeline), or "batch" on
+    # uint8 tensors on the training device (same distribution; for fixed-size images)
+    augment: Literal["pil", "batch"] = "pil"
     global_crops_number: Annotated[int, Field(ge=1, le=2)] = 2
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_number: NonNegInt = 8

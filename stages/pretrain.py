@@ -32,7 +32,7 @@ from stages.distributed import DistInfo, init_distributed
 from stages.dino.augment import MultiCrop
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
-from stages.dino.data import EpochBatches, ShardImages, collate_views
+from stages.dino.data import EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
 from stages.dino.head import DINOHead, build_predictor
 from stages.dino.loss import DINOLoss
 from stages.dino.model import MultiCropModel
@@ -121,11 +121,19 @@ class Trainer:
         torch.manual_seed(p.seed + dist.rank)
         np.random.seed(p.seed + dist.rank)
 
-        transform = MultiCrop(
-            p.global_crops_scale, p.local_crops_scale, p.local_crops_number,
-            global_size=p.global_crops_size, local_size=p.local_crops_size,
-            global_crops_number=p.global_crops_number,
-        )
+        crop_args = dict(global_size=p.global_crops_size, local_size=p.local_crops_size,
+                         global_crops_number=p.global_crops_number)
+        if p.augment == "batch":
+            # Workers only decode; the crops are made per batch on the training device.
+            from stages.dino.augment_batch import BatchMultiCrop
+
+            self.batch_augment = BatchMultiCrop(p.global_crops_scale, p.local_crops_scale,
+                                                p.local_crops_number, **crop_args)
+            transform, self.collate = decode_uint8, collate_images
+        else:
+            self.batch_augment = None
+            transform = MultiCrop(p.global_crops_scale, p.local_crops_scale, p.local_crops_number, **crop_args)
+            self.collate = collate_views
         if steps_per_epoch is None:  # benchmarks pass it and feed synthetic batches instead
             self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed)
             steps_per_epoch = len(self.dataset) // (p.batch_size_per_gpu * dist.world_size)
@@ -272,6 +280,14 @@ class Trainer:
             ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
         return loss.detach()
 
+    def augment(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Batched multi-crop of uint8 images on the device; its randomness is a function of
+        (seed, rank, global step), so a resumed run makes the same crops."""
+        p = self.params.pretrain
+        seed = int(np.random.SeedSequence([p.seed, self.dist.rank, self.progress.global_step]).generate_state(1)[0])
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self.batch_augment(images.to(self.device, non_blocking=True), generator)
+
     def check_losses(self) -> list[float]:
         """Read the losses of the steps since the last check (one host sync) and stop at the
         first non-finite one. On a GPU this runs at every log step and before every checkpoint,
@@ -298,7 +314,7 @@ class Trainer:
         # the global RNG that would shift the model's random stream on every resume.
         generator = torch.Generator().manual_seed(p.seed * 100_003 + epoch)
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=p.num_workers,
-                          collate_fn=collate_views, pin_memory=self.device.type == "cuda",
+                          collate_fn=self.collate, pin_memory=self.device.type == "cuda",
                           generator=generator)
 
     def fit(self, live=None) -> dict:
@@ -312,6 +328,8 @@ class Trainer:
             while self.progress.epoch < p.epochs:
                 epoch = self.progress.epoch
                 for views, _ in self.loader(epoch, self.progress.step_in_epoch):
+                    if self.batch_augment is not None:
+                        views = self.augment(views)
                     self.train_step(views)
                     self.progress.global_step += 1
                     self.progress.step_in_epoch += 1

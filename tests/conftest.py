@@ -1,71 +1,12 @@
-"""Shared fixtures: a tiny, fast configuration (digits, a 2-block ViT) written into a temp dir."""
+"""Shared fixtures; the tiny configuration itself lives in tiny_config.py."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
-TINY = {
-    "dataset": {
-        "source": "digits",
-        "root": None,
-        "subset": {"train": 300, "val": 100},
-        "seed": 0,
-        "shard_max_samples": 100,
-    },
-    "model": {
-        "arch": "vit_tiny",
-        "patch_size": 4,
-        "img_size": 16,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-    },
-    "pretrain": {
-        "epochs": 2,
-        "batch_size_per_gpu": 32,
-        "device": "cpu",
-        "precision": "fp32",
-        "num_workers": 0,
-        "out_dim": 64,
-        "head_hidden_dim": 64,
-        "head_bottleneck_dim": 16,
-        "lr": 0.002,
-        "warmup_epochs": 0,
-        "global_crops_size": 16,
-        "local_crops_size": 8,
-        "local_crops_number": 2,
-        "global_crops_scale": [0.5, 1.0],
-        "local_crops_scale": [0.2, 0.5],
-    },
-    "extract": {"resize": 16, "crop_size": 16, "batch_size": 64, "num_workers": 0, "device": "cpu"},
-    "knn": {"k": [5, 10]},
-}
-
-
-def tiny_params(root: Path, **overrides: dict) -> dict:
-    """The tiny params with every path under `root`; `overrides` maps section -> {key: value}."""
-    params = copy.deepcopy(TINY)
-    params["paths"] = {
-        "shards": str(root / "data/shards/digits"),
-        "checkpoints": str(root / "checkpoints"),
-        "teacher_backbone": str(root / "models/teacher_backbone.pth"),
-        "features": str(root / "features/digits"),
-        "metrics": str(root / "metrics"),
-        "plots": str(root / "plots"),
-        "dvclive": str(root / "dvclive"),
-    }
-    for section, values in overrides.items():
-        params.setdefault(section, {}).update(values)
-    return params
-
-
-def write_params(path: Path, params: dict) -> Path:
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
+from tiny_config import tiny_params
 
 
 @pytest.fixture

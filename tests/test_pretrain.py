@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_params, write_params
+from tiny_config import tiny_params, write_params
 from stages import pretrain, shard
 from stages.dino.training_state import LATEST
 from stages.params import validate_params

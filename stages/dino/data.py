@@ -10,6 +10,7 @@ same number of batches per epoch so that all ranks step together.
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from stages.shard_format import ShardError, read_manifest, shard_paths
@@ -141,3 +143,20 @@ def collate_views(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[tor
     views = [torch.stack(group) for group in zip(*(item[0] for item in batch))]
     labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
     return views, labels
+
+
+def decode_uint8(data: bytes) -> torch.Tensor:
+    """Encoded image -> uint8 tensor (C, H, W), C = 1 for grayscale or 3 (for batched augmentation)."""
+    image = Image.open(io.BytesIO(data))
+    image = image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def collate_images(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(uint8 (C, H, W), label)] -> (uint8 (B, C, H, W), labels); all images the same size."""
+    shapes = {tuple(image.shape) for image, _ in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"pretrain.augment = 'batch' needs images of one size; this batch has {sorted(shapes)}")
+    return torch.stack([image for image, _ in batch]), torch.tensor([label for _, label in batch], dtype=torch.long)
