@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_params, write_params
+from tiny_config import tiny_params, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -113,10 +113,13 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
 
 
 def test_plots_show_the_training_curves(repo: Path) -> None:
-    shown = sh(repo, "dvc", "plots", "show", "--json")
-    data = json.loads(shown.stdout)
-    curves = [name for name in data if name.startswith("dvclive/plots/metrics/")]
-    assert curves, shown.stdout[:2000]
+    """`dvc plots show` draws pretrain's dvclive curves (x: step), the loss among them."""
+    shown = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)
+    curves = {name: plots for name, plots in shown["data"].items() if name.startswith("dvclive/plots/metrics/")}
+    assert any("loss" in name for name in curves), list(shown["data"])
+    for name, plots in curves.items():
+        assert plots[0]["content"]["encoding"]["x"]["field"] == "step", name
+        assert plots[0]["content"]["data"]["values"], name
 
 
 def test_pretrain_param_change_reruns_downstream_not_shard(repo: Path) -> None:
