@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import tiny_params, write_params
+from tiny_config import tiny_params, write_params
 from stages.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
