@@ -118,9 +118,6 @@ class Trainer:
         self.precision = resolve_precision(p.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
-        torch.manual_seed(p.seed + dist.rank)
-        np.random.seed(p.seed + dist.rank)
-
         crop_args = dict(global_size=p.global_crops_size, local_size=p.local_crops_size,
                          global_crops_number=p.global_crops_number)
         if p.augment == "batch":
@@ -145,7 +142,10 @@ class Trainer:
         steps = steps_per_epoch
         self.schedules = Schedules.from_params(params, steps, dist.world_size)
 
+        torch.manual_seed(p.seed)  # the same initial weights on every rank (student and teacher)
         self.student, self.teacher = build_models(params)
+        torch.manual_seed(p.seed + dist.rank)  # then a stream of its own per rank (stochastic depth)
+        np.random.seed(p.seed + dist.rank)
         self.student.to(self.device)
         self.teacher.to(self.device)
         # The teacher stays in train mode as in the reference: BatchNorm in its head (if any)
