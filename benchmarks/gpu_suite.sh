@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The prepared device run (one call of the device tool): CUDA checks, then every GPU benchmark,
+# each under its own time limit, one JSON line each into $OUT/bench.jsonl (failures recorded too).
+#   device run: bash benchmarks/gpu_suite.sh   (carry: .whl — pydantic, timm, faiss wheels)
+set -u
+OUT=${OUT:-/tmp/dino-bench}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
+
+bench() {  # bench SECONDS NAME MODULE ARGS...
+  local limit=$1 name=$2; shift 2
+  local start=$SECONDS
+  if ! timeout "$limit" python3 -m "$@" >"$OUT/$name.json" 2>>"$OUT/log.txt"; then
+    echo "{\"benchmark\": \"$name\", \"failed\": true, \"rc\": $?}" >"$OUT/$name.json"
+  fi
+  tail -n 1 "$OUT/$name.json" | sed "s/^{/{\"name\": \"$name\", /" >>"$OUT/bench.jsonl"
+  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"
+}
+
+bench 120 cuda_check benchmarks.cuda_check
+bench 60 step_s16_b64 benchmarks.step --arch vit_small --patch 16 --batch 64
+bench 180 step_s16_b64_compile benchmarks.step --arch vit_small --patch 16 --batch 64 --compile
+bench 60 step_s16_b256 benchmarks.step --arch vit_small --patch 16 --batch 256 --steps 10
+bench 60 step_b16_b64 benchmarks.step --arch vit_base --patch 16 --batch 64
+bench 60 step_s8_b32 benchmarks.step --arch vit_small --patch 8 --batch 32 --steps 10
+bench 45 extract_s16 benchmarks.extract --arch vit_small --patch 16 --batch 512 --batches 20
+bench 45 extract_s8 benchmarks.extract --arch vit_small --patch 8 --batch 256 --batches 10
+bench 45 augment_cuda benchmarks.augment --device cuda --batch 64 --pil-images 40
+bench 150 e2e_s16_pil16 benchmarks.e2e --images 2048 --workers 16 --augment pil --workdir /tmp/e2e --steps 20
+bench 90 e2e_s16_batch4 benchmarks.e2e --images 2048 --workers 4 --augment batch --workdir /tmp/e2e --steps 20
+bench 60 knn_16cores benchmarks.knn --train 100000 --test 10000
+tail -n 40 "$OUT/log.txt" > "$OUT/log_tail.txt"
