@@ -27,7 +27,6 @@ bench() {  # bench SECONDS NAME MODULE ARGS...
 
 bench 120 cuda_check benchmarks.cuda_check
 bench 60 step_s16_b64 benchmarks.step --arch vit_small --patch 16 --batch 64
-bench 180 step_s16_b64_compile benchmarks.step --arch vit_small --patch 16 --batch 64 --compile
 bench 60 step_s16_b256 benchmarks.step --arch vit_small --patch 16 --batch 256 --steps 10
 bench 60 step_b16_b64 benchmarks.step --arch vit_base --patch 16 --batch 64
 bench 60 step_s8_b32 benchmarks.step --arch vit_small --patch 8 --batch 32 --steps 10
@@ -37,4 +36,5 @@ bench 45 augment_cuda benchmarks.augment --device cuda --batch 64 --pil-images 4
 bench 150 e2e_s16_pil16 benchmarks.e2e --images 2048 --workers 16 --augment pil --workdir /tmp/e2e --steps 20
 bench 90 e2e_s16_batch4 benchmarks.e2e --images 2048 --workers 4 --augment batch --workdir /tmp/e2e --steps 20
 bench 60 knn_16cores benchmarks.knn --train 100000 --test 10000
+bench 150 step_s16_b64_compile benchmarks.step --arch vit_small --patch 16 --batch 64 --compile
 tail -n 40 "$OUT/log.txt" > "$OUT/log_tail.txt"
