@@ -1,0 +1,119 @@
+"""Throughput of DINO multi-crop: the PIL pipeline (MultiCrop, per image, one core) against the
+batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
+
+    python -m benchmarks.augment [--device cpu|cuda] [--batch N] [--global-size 224]
+                                 [--local-size 96] [--local-crops 8] [--threads 1]
+
+Input: scikit-learn's china.jpg resized to an ImageNet-like 500 x 375 photo, JPEG-encoded. The PIL
+path decodes it and makes the crops image by image (as a DataLoader worker does); the batched path
+decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device. Prints one JSON
+line: {"benchmark": "augment", "device", "torch", "config", "pil": {...}, "batched": {...},
+"images_per_second", "ms_per_batch"} (the top-level numbers are the batched path's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
+
+from benchmarks.device import device_name
+from stages.dino.augment import MultiCrop
+from stages.dino.augment_batch import BatchMultiCrop
+
+
+def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90) -> bytes:
+    """sklearn's china.jpg (else skimage's chelsea) resized to width x height, as JPEG bytes."""
+    try:
+        from sklearn.datasets import load_sample_image
+
+        pixels = load_sample_image("china.jpg")
+    except ImportError:
+        from skimage import data
+
+        pixels = data.chelsea()
+    img = Image.fromarray(pixels).resize((width, height), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def time_pil(jpeg: bytes, args: argparse.Namespace) -> dict:
+    """Images per second of MultiCrop on one core (decode included)."""
+    torch.set_num_threads(1)
+    aug = MultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
+    aug(jpeg)
+    n, start = 0, time.perf_counter()
+    while n < args.pil_images or time.perf_counter() - start < args.min_seconds:
+        aug(jpeg)
+        n += 1
+    elapsed = time.perf_counter() - start
+    return {"images": n, "images_per_second": n / elapsed, "ms_per_image": 1e3 * elapsed / n}
+
+
+def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) -> dict:
+    """Images per second of BatchMultiCrop on already decoded uint8 batches (decode timed apart)."""
+    torch.set_num_threads(args.threads)
+    data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    start = time.perf_counter()
+    decoded = [decode_jpeg(data) for _ in range(args.batch)]
+    decode_ms = 1e3 * (time.perf_counter() - start)
+    images = torch.stack(decoded).to(device)
+    aug = BatchMultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        aug(images, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    ms = 1e3 * float(np.median(times))
+    return {"images_per_second": args.batch / (ms / 1e3), "ms_per_batch": ms,
+            "ms_per_batch_min": 1e3 * min(times), "decode_ms_per_batch": decode_ms,
+            "resample": aug.resample_mode(images), "threads": args.threads}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--local-crops", type=int, default=8)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of the batched path")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--pil-images", type=int, default=20)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--skip-pil", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    jpeg = photo_jpeg(*args.image_size)
+    pil = None if args.skip_pil else time_pil(jpeg, args)
+    batched = time_batched(jpeg, args, device)
+    config = {"batch": args.batch, "global_size": args.global_size, "local_size": args.local_size,
+              "global_crops": 2, "local_crops": args.local_crops, "image_size": list(args.image_size),
+              "threads": args.threads, "iters": args.iters}
+    print(json.dumps({"benchmark": "augment", "device": device_name(device), "torch": torch.__version__,
+                      "config": config, "pil": pil, "batched": batched,
+                      "images_per_second": batched["images_per_second"],
+                      "ms_per_batch": batched["ms_per_batch"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
