@@ -313,6 +313,17 @@ def _device(requested: str, default: torch.device) -> torch.device:
     return default
 
 
+def _mean_over_ranks(value: float, info: Any) -> float:
+    """`value` averaged over the process group (itself without one), so every rank logs, checks
+    and stores the same training loss."""
+    if not info.initialized:
+        return value
+    from stages.distributed import all_reduce_mean
+
+    device = torch.device("cuda", torch.cuda.current_device()) if info.backend == "nccl" else torch.device("cpu")
+    return float(all_reduce_mean(torch.tensor([value], dtype=torch.float64, device=device)).item())
+
+
 def _per_rank_batch(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
         raise StageError(f"linear.batch_size = {batch_size} is not divisible by the {world_size} processes")
@@ -431,7 +442,7 @@ def run(params: Params) -> dict[str, float]:
             optimizer.step()
             loss_sum += loss.detach().double().cpu()
             steps += 1
-        mean_loss = float(loss_sum) / max(steps, 1)
+        mean_loss = _mean_over_ranks(float(loss_sum) / max(steps, 1), info)
         if not math.isfinite(mean_loss):
             raise StageError(f"non-finite linear-classifier loss ({mean_loss}) in epoch {epoch + 1}")
         row: dict[str, float] = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(lrs[epoch])}

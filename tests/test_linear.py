@@ -155,6 +155,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.faults
 def test_resume_after_a_kill_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = features_params(tmp_path / "straight", epochs=6, val_freq=2)
     separable_features(Path(straight.paths.features), seed=1)
@@ -205,6 +206,7 @@ def test_other_params_start_from_scratch(tmp_path: Path, caplog: pytest.LogCaptu
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_full_mode_runs_on_tiny_images_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     full = {"mode": "full", "epochs": 2, "batch_size": 32, "lr": 0.5, "num_workers": 0, "device": "cpu",
             "train_crop_size": 16, "resize": 16, "crop_size": 16, "n_last_blocks": 2}
@@ -233,3 +235,67 @@ def test_full_mode_runs_on_tiny_images_and_resumes_exactly(tmp_path: Path, monke
     assert linear.run(other) == metrics
     resumed = torch.load(Path(other.paths.linear) / "checkpoint.pth", weights_only=True)
     assert torch.equal(resumed["classifier"]["linear.weight"], state["classifier"]["linear.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# two processes (gloo, torchrun's variables): DistributedDataParallel over strided batches
+# ------------------------------------------------------------------------------------------------
+
+DDP_WORKER = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_linear import features_params
+import stages.linear as linear
+from stages.distributed import cleanup
+metrics = linear.run(features_params(Path(sys.argv[1]), epochs=4))
+print("METRICS", json.dumps(metrics))
+cleanup()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_train_the_same_layer_as_one(tmp_path: Path) -> None:
+    """With a per-rank batch of half the global batch and a sample count divisible by it, DDP's
+    averaged gradient is the single process's: the same weights up to float summation order."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER.format(tests=str(repo / "tests")))
+    for name in ("single", "ddp"):
+        separable_features(Path(features_params(tmp_path / name).paths.features), n_train=256, n_val=100)
+    single = linear.run(features_params(tmp_path / "single", epochs=4))
+
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launch}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", PYTHONPATH=str(repo),
+                CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / "ddp")],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = []
+    try:
+        outputs = [proc.communicate(timeout=200)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    per_rank = [json.loads(line.split("METRICS ", 1)[1]) for out in outputs for line in out.splitlines()
+                if line.startswith("METRICS ")]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]  # the loss is averaged over the ranks
+    assert per_rank[0] == pytest.approx(single, rel=1e-4, abs=1e-6)
+    a = torch.load(tmp_path / "single/models/linear/checkpoint.pth", weights_only=True)["classifier"]
+    b = torch.load(tmp_path / "ddp/models/linear/checkpoint.pth", weights_only=True)["classifier"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
