@@ -60,6 +60,8 @@ class Paths(Section):
     logs: str = "logs"  # Snakemake's per-rule log files (logs/<rule>.log)
     linear: str = "models/linear"  # linear-evaluation checkpoint folder (resumable, persisted)
     fewshot_subsets: str = "metrics/fewshot_subsets.json"  # the few-shot labelled subsets (keys)
+    transfer: str = "models/transfer"  # fine-tuning checkpoint folder (resumable, persisted)
+    report: str = "report"  # the report stage's folder: index.html, summary.md, figures
 
 
 class Dataset(Section):
@@ -321,6 +323,67 @@ class Tsne(Section):
     normalize: bool = True  # L2-normalise each feature before the class means
 
 
+class Transfer(Section):
+    """Fine-tuning the pretrained backbone with a linear classifier (paper Sec. 4.2.3, Table 6).
+
+    The paper follows DeiT's fine-tuning protocol (Touvron et al. 2021); the defaults are DeiT's
+    (AdamW, lr 5e-4 at batch 512 scaled linearly, weight decay 0.05, cosine to 1e-5 after 5 warm-up
+    epochs from 1e-6, label smoothing 0.1, RandAugment m9 n2, Mixup 0.8 / CutMix 1.0, stochastic
+    depth 0.1) with the batch size (768) and epochs (1000) the authors gave for CIFAR. Their
+    per-dataset learning rates (CIFAR-10: 7.5e-6, CIFAR-100: 5e-6 at batch 768; iNaturalist:
+    5e-5 before scaling, 300 epochs) are values to set here. ``dataset`` None fine-tunes on the
+    project's own shards (paths.shards, train/val); otherwise the source is read in place
+    (cifar pickles, or an imagefolder tree for Flowers, Cars, iNaturalist).
+    """
+
+    dataset: Dataset | None = None  # None: paths.shards (train -> val)
+    epochs: PositiveInt = 1000
+    batch_size: PositiveInt = 768  # global, over all ranks
+    lr: PositiveFloat = 0.0005  # at global batch 512, scaled linearly (DeiT)
+    min_lr: NonNegFloat = 1e-5  # end of the cosine schedule
+    warmup_epochs: NonNegInt = 5
+    warmup_lr: NonNegFloat = 1e-6  # learning rate at the start of the warm-up
+    weight_decay: NonNegFloat = 0.05  # weights only; biases, norms, pos_embed and cls_token: 0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    mixup: NonNegFloat = 0.8  # Beta(alpha, alpha) of Mixup; 0 disables
+    cutmix: NonNegFloat = 1.0  # Beta(alpha, alpha) of CutMix; 0 disables
+    mixup_switch_prob: Fraction = 0.5  # chance of CutMix instead of Mixup when both are on
+    randaugment_ops: NonNegInt = 2  # torchvision RandAugment num_ops; 0 disables
+    randaugment_magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    crop_size: PositiveInt = 224  # training crop and evaluation center crop
+    resize: PositiveInt = 256  # evaluation: shorter side (bicubic), then the center crop
+    val_freq: PositiveInt = 1  # epochs between evaluations (the last epoch always)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_workers: NonNegInt = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    _scale = field_validator("crop_scale")(_crop_scale)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Transfer":
+        if self.min_lr > self.lr:
+            raise ValueError(f"transfer.min_lr = {self.min_lr} must be <= transfer.lr = {self.lr}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"transfer.warmup_epochs = {self.warmup_epochs} must be <= transfer.epochs = "
+                             f"{self.epochs}")
+        return self
+
+
+REPORT_STAGES = ("pretrain", "knn", "linear", "fewshot", "retrieval", "copydetect", "davis", "transfer",
+                 "attention", "tsne")
+
+
+class Report(Section):
+    """The report (stage `report`): which stages' metrics files (<paths.metrics>/<stage>.json) it
+    reads; a listed file that does not exist is shown as "not run"."""
+
+    inputs: tuple[Literal[REPORT_STAGES], ...] = REPORT_STAGES  # type: ignore[valid-type]
+    title: str = "DINO: emerging properties in self-supervised vision transformers"
+
+
 class RuleResources(Section):
     """What one Snakemake rule asks the scheduler for (the SLURM executor plugin's resources).
 
@@ -358,6 +421,7 @@ class Resources(Section):
     extract: RuleResources = Field(default_factory=lambda: _gpu_job(4, 32000, 60))
     knn: RuleResources = Field(default_factory=lambda: RuleResources(mem_mb=16000))
     linear: RuleResources = Field(default_factory=lambda: _gpu_job(10, 32000, 1440))
+    transfer: RuleResources = Field(default_factory=lambda: _gpu_job(10, 32000, 1440))
 
 
 class Params(Section):
@@ -374,6 +438,8 @@ class Params(Section):
     retrieval: Retrieval = Field(default_factory=Retrieval)
     copydetect: Copydetect = Field(default_factory=Copydetect)
     davis: Davis = Field(default_factory=Davis)
+    transfer: Transfer = Field(default_factory=Transfer)
+    report: Report = Field(default_factory=Report)
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="before")
