@@ -62,7 +62,9 @@ def main(argv=None) -> dict:
     params = validate_params(raw)
     start = time.perf_counter()
     shard.run(params)
-    result["pretrain"] = pretrain.run(params)
+    trainer = pretrain.Trainer(params, init_distributed())  # pretrain.run minus dvclive logging
+    result["pretrain"] = trainer.fit(live=None)
+    pretrain.export_teacher(trainer, params.paths.teacher_backbone)
     extract.run(params)
     result["knn"] = knn.run(params)
     result["dag_seconds"] = time.perf_counter() - start
