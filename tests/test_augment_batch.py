@@ -369,3 +369,16 @@ def test_matmul_and_interpolate_paths_agree(photo):
     for a, b in zip(results["matmul"], results["interpolate"]):
         diff = (denormalise(a) - denormalise(b)).abs() * 255
         assert diff.mean() < 0.1 and diff.max() < 12
+
+
+def test_grouped_rendering_equals_view_by_view():
+    """The GPU path renders views of one size as one batch; on the CPU it must give the same crops."""
+    images = torch.randint(0, 256, (5, 3, 24, 20), dtype=torch.uint8)
+    aug = BatchMultiCrop((0.3, 1.0), (0.1, 0.5), 3, global_size=16, local_size=8, resample="matmul")
+    expected = aug(images, gen(15))
+    g = gen(15)
+    draws = [ab.draw_view(5, 24, 20, scale, blur_p, sol_p, g) for _, scale, blur_p, sol_p in aug.views]
+    grouped = aug._render_grouped(images, draws, MEAN, STD)
+    assert len(grouped) == len(expected)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(expected, grouped))
+    assert ab._same_device(torch.device("cpu"), images.device)

@@ -236,19 +236,24 @@ def resized_crop_matmul(
 
     Args:
         images: uint8 or float (B, C, H, W) with values 0..255.
-        top, left, height, width: (B,) int64 crop boxes.
+        top, left, height, width: (V * B,) int64 crop boxes: V views of the B images, view-major
+            (V = 1: one box per image). The images are broadcast, not copied, over the views.
         size: output side.
-        flip: optional (B,) bool, horizontal flip of the output where True.
+        flip: optional (V * B,) bool, horizontal flip of the output where True.
 
     Returns:
-        float32 (B, C, size, size) in [0, 1], multiples of 1/255.
+        float32 (V * B, C, size, size) in [0, 1], multiples of 1/255.
     """
-    _, _, img_h, img_w = images.shape
-    cols = resize_matrices(left, width, img_w, size, flip)[:, None].transpose(-1, -2)  # (B,1,W,S)
-    rows = resize_matrices(top, height, img_h, size)[:, None]  # (B, 1, S, H)
+    n, channels, img_h, img_w = images.shape
+    views = top.shape[0] // n
+    cols = resize_matrices(left, width, img_w, size, flip).transpose(-1, -2)  # (V*B, W, S)
+    rows = resize_matrices(top, height, img_h, size)  # (V*B, S, H)
+    cols = cols.reshape(views, n, 1, img_w, size)
+    rows = rows.reshape(views, n, 1, size, img_h)
     # PIL resamples horizontally first and rounds each pass to 8 bits.
-    out = _to_8bit(torch.matmul(images.to(torch.float32), cols))
-    return _to_8bit(torch.matmul(rows, out)).div_(255.0)
+    out = _to_8bit(torch.matmul(images.to(torch.float32)[None], cols))  # (V, B, C, H, S)
+    out = _to_8bit(torch.matmul(rows, out)).div_(255.0)
+    return out.reshape(views * n, channels, size, size)
 
 
 def resized_crop_interpolate(
@@ -621,7 +626,7 @@ class BatchMultiCrop:
         if images.shape[1] not in (1, 3):
             raise ValueError(f"BatchMultiCrop: expected 1 or 3 channels, got {images.shape[1]} "
                              f"(shape {tuple(images.shape)})")
-        if torch.device(generator.device) != images.device:
+        if not _same_device(torch.device(generator.device), images.device):
             raise ValueError(f"BatchMultiCrop: the generator is on {generator.device} but the images "
                              f"are on {images.device}; they must be on the same device")
         n, _, height, width = images.shape
@@ -633,6 +638,8 @@ class BatchMultiCrop:
         # All draws first, view by view: the stream does not depend on the chunking below.
         draws = [draw_view(n, height, width, scale, blur_p, sol_p, generator)
                  for _, scale, blur_p, sol_p in self.views]
+        if images.device.type != "cpu" and resample == "matmul":
+            return self._render_grouped(images, draws, mean, std)
         crops = []
         for (size, _, _, _), view_draws in zip(self.views, draws):
             if images.device.type == "cpu":
@@ -646,5 +653,41 @@ class BatchMultiCrop:
             crops.append(out)
         return crops
 
+    def _render_grouped(self, images: torch.Tensor, draws: list[ViewDraws], mean: torch.Tensor,
+                        std: torch.Tensor) -> list[torch.Tensor]:
+        """Render consecutive views of one size as one batch (GPU: 2 launches of every kernel
+        instead of one per view); same results as view by view."""
+        n = images.shape[0]
+        crops: list[torch.Tensor] = []
+        start = 0
+        while start < len(self.views):
+            size = self.views[start][0]
+            stop = start
+            while stop < len(self.views) and self.views[stop][0] == size:
+                stop += 1
+            group = draws[start:stop]
+            solar = [d.solarize for d in group]
+            if all(s is None for s in solar):
+                solar_cat = None
+            else:
+                solar_cat = torch.cat([torch.zeros(n, dtype=torch.bool, device=images.device)
+                                       if s is None else s for s in solar])
+            merged = ViewDraws(*(torch.cat([getattr(d, f.name) for d in group])
+                                 for f in fields(ViewDraws) if f.name != "solarize"), solar_cat)
+            out = render_view(images, merged, size, "matmul", mean, std)
+            crops.extend(out.split(n))
+            start = stop
+        return crops
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(views={self.views}, resample={self.resample!r})"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device type and index ("cuda" without an index is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda":
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index is None or b.index is None or a.index == b.index
