@@ -66,7 +66,7 @@ def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) ->
     decode_ms = 1e3 * (time.perf_counter() - start)
     images = torch.stack(decoded).to(device)
     aug = BatchMultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=images.device).manual_seed(0)
 
     def step() -> None:
         aug(images, generator)
