@@ -12,6 +12,7 @@ Layout of ``features/<dataset>/<split>/`` (DESIGN.md, "Artifact formats"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -162,3 +163,42 @@ def read_features(directory: str | Path) -> tuple[np.ndarray, np.ndarray, list[s
                 f"{directory / META_FILE}: {name} = {meta[name]!r} but {feats_path} has {expected}"
             )
     return feats, labels, keys, meta
+
+
+def check_features_checkpoint(
+    meta: dict[str, Any], checkpoint_path: str | Path, directory: str | Path | None = None
+) -> None:
+    """Refuse features extracted from another checkpoint than the one the evaluation is told to use.
+
+    Compares ``meta["checkpoint_sha256"]`` (written by the extract stage) with the sha256 of the
+    file at `checkpoint_path` (``paths.teacher_backbone``). Nothing is checked, with a log line,
+    when the meta names no hash (features made elsewhere) or the checkpoint file is absent.
+
+    Args:
+        meta: a features folder's ``meta.json`` mapping.
+        checkpoint_path: the checkpoint the features should come from.
+        directory: the features folder, for the message.
+
+    Raises:
+        FeaturesError: the hashes differ; the message names both files and both hashes.
+    """
+    where = Path(directory) / META_FILE if directory is not None else Path(META_FILE)
+    expected = meta.get("checkpoint_sha256")
+    checkpoint_path = Path(checkpoint_path)
+    if not isinstance(expected, str):
+        logger.info("%s names no checkpoint_sha256: not checked against %s", where, checkpoint_path)
+        return
+    if not checkpoint_path.is_file():
+        logger.warning("%s: cannot check the features' checkpoint, %s does not exist", where, checkpoint_path)
+        return
+    digest = hashlib.sha256()
+    with open(checkpoint_path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise FeaturesError(
+            f"{where}: the features were extracted from checkpoint sha256 {expected} "
+            f"({meta.get('checkpoint', 'path not recorded')}), but {checkpoint_path} has sha256 {actual}: "
+            "stale features; rerun the extract stage"
+        )

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
-from stages.features import read_features
+from stages.features import check_features_checkpoint, read_features
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -256,6 +256,8 @@ def run(params: Params) -> dict[str, float]:
     train_dir, val_dir = features_dir / "train", features_dir / "val"
     train_x, train_y, _, train_meta = read_features(train_dir)
     val_x, val_y, _, val_meta = read_features(val_dir)
+    for directory, meta in ((train_dir, train_meta), (val_dir, val_meta)):
+        check_features_checkpoint(meta, params.paths.teacher_backbone, directory)
     if train_x.shape[1] != val_x.shape[1]:
         raise StageError(
             f"feature dimensions differ: {train_dir / 'features.npy'} has D = {train_x.shape[1]}, "
