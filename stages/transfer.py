@@ -38,6 +38,7 @@ best top-1 (with its top-5 and epoch), in percent; top-5 counts the min(5, C) be
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -297,7 +298,6 @@ def open_splits(params: Params) -> tuple[Dataset, Dataset, list[str], str]:
     train_tf, val_tf = train_transform(cfg), _eval_transform(cfg)
     if cfg.dataset is None:
         from stages.dino.data import ShardImages
-        from stages.extract import file_sha256
         from stages.shard_format import MANIFEST_NAME, read_manifest
 
         shards = Path(params.paths.shards)
@@ -449,6 +449,15 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     return {"top1": 100.0 * float(total[0]) / n, "top5": 100.0 * float(total[1]) / n}
 
 
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (the checkpoint fingerprint's backbone and manifest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
 
@@ -465,7 +474,6 @@ def run(params: Params) -> dict[str, float]:
         StageError: missing inputs, a batch size not divisible by the ranks, a non-finite loss.
     """
     from stages.distributed import barrier, init_distributed
-    from stages.extract import file_sha256
 
     cfg = params.transfer
     info = init_distributed()
