@@ -4,6 +4,7 @@ leaves a half-written file where a later stage or DVC could take it for a result
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,41 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _disk_full(exc: BaseException, directory: Path) -> bool:
+    """Whether `exc` is an errno-less short write (numpy's report of a full disk: "N requested
+    and M written") on a file system with no space left."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return False
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _raise_naming(exc: BaseException, path: str, force: bool = False, disk_full: bool = False) -> None:
+    """Re-raise an OS error (ENOSPC, EIO, ...) that names no file, or with `force` one that names
+    a temporary file, as the same error naming the output `path`; anything else returns."""
+    if not isinstance(exc, OSError) or not (force or exc.filename is None):
+        return
+    if disk_full:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({exc})", path) from exc
+    if exc.errno is not None and exc.strerror is not None:
+        raise OSError(exc.errno, exc.strerror, path) from exc
+    raise OSError(f"writing {path}: {exc}") from exc
+
+
+def _raise_naming_inside(exc: BaseException, tmp: Path, path: Path) -> None:
+    """Re-raise an OS error about a file inside the temporary folder `tmp` naming its place in
+    the output folder `path` instead; anything else returns."""
+    if not isinstance(exc, OSError):
+        return
+    inside = f"{tmp}/"
+    if isinstance(exc.filename, str) and exc.filename.startswith(inside):
+        _raise_naming(exc, str(path / exc.filename[len(inside):]), force=True)
+    if exc.filename is None and exc.errno is None and inside in str(exc):
+        raise OSError(str(exc).replace(inside, f"{path}/")) from exc
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success it is flushed, fsynced and renamed onto
@@ -41,9 +77,11 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        disk_full = _disk_full(exc, path.parent)  # before the temp file's space is freed
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_naming(exc, str(path), disk_full=disk_full)
         raise
 
 
@@ -64,7 +102,13 @@ def torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
     with atomic_file(path, "wb") as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:
+            # torch's zip writer reports a failed write (a full disk) as "unexpected pos ..."
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from exc
+            raise
 
 
 @contextlib.contextmanager
@@ -85,6 +129,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming_inside(exc, tmp, path)
         raise
