@@ -149,7 +149,7 @@ def decode_uint8(data: bytes) -> torch.Tensor:
     """Encoded image -> uint8 tensor (C, H, W), C = 1 for grayscale or 3 (for batched augmentation)."""
     image = Image.open(io.BytesIO(data))
     image = image.convert("L" if image.mode in ("L", "1", "I;16", "I") else "RGB")
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch must not alias PIL's buffer
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
 
