@@ -68,3 +68,20 @@ def tiny_params(root: Path, **overrides: dict) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def save_random_teacher(params, seed: int = 0):
+    """A randomly initialised teacher backbone of ``params.model`` (validated params), seeded with
+    `seed` through torch's global RNG, saved to ``paths.teacher_backbone`` as the pretrain stage
+    exports it ({"teacher_backbone": state_dict, "model": the model section}); returns it in
+    eval mode."""
+    import torch
+
+    from stages.atomic import torch_save
+    from stages.dino.backbones import build_backbone_from_params
+
+    torch.manual_seed(seed)
+    backbone = build_backbone_from_params(params.model, drop_path_rate=0.0)
+    torch_save({"teacher_backbone": backbone.state_dict(), "model": params.model.model_dump(mode="json")},
+               params.paths.teacher_backbone)
+    return backbone.eval()
