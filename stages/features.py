@@ -12,7 +12,6 @@ Layout of ``features/<dataset>/<split>/`` (DESIGN.md, "Artifact formats"):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 from stages.atomic import atomic_dir, atomic_file
 from stages.cli import StageError
+from stages.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +191,7 @@ def check_features_checkpoint(
     if not checkpoint_path.is_file():
         logger.warning("%s: cannot check the features' checkpoint, %s does not exist", where, checkpoint_path)
         return
-    digest = hashlib.sha256()
-    with open(checkpoint_path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(checkpoint_path)
     if actual != expected:
         raise FeaturesError(
             f"{where}: the features were extracted from checkpoint sha256 {expected} "

@@ -37,6 +37,7 @@ from PIL import Image
 
 from stages.atomic import atomic_file
 from stages.cli import StageError
+from stages.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ PNG_COMPRESS_LEVEL = 6  # zlib level; fixed so that the same pixels give the sam
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive to a multiple of this
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-_HASH_CHUNK = 1 << 20
 
 
 class ShardError(StageError):
@@ -352,21 +352,13 @@ def _split_entries(manifest: dict, shard_dir: Path, split: str) -> list[dict]:
     return splits[split]["shards"]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verify(path: Path, entry: dict) -> None:
     if not path.is_file():
         raise ShardError(f"{path}: shard listed in the manifest is missing")
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise ShardError(f"{path}: shard is {size} bytes, the manifest says {entry['bytes']} (damaged or replaced)")
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     if digest != entry["sha256"]:
         raise ShardError(f"{path}: sha256 {digest} differs from the manifest's {entry['sha256']} (damaged or replaced)")
 
