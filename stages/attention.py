@@ -35,7 +35,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from stages.atomic import atomic_dir, atomic_file, write_json
 from stages.cli import StageError, run_stage
+from stages.device import resolve_device
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -310,21 +311,6 @@ def picture_files(tensor: torch.Tensor, attention: torch.Tensor, masks: torch.Te
 # ------------------------------------------------------------------------------------------------
 
 
-def _device(requested: str) -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise StageError("attention.device = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _build_kwargs(params: Params) -> dict[str, Any]:
-    model = params.model
-    kwargs: dict[str, Any] = {"img_size": model.img_size, "in_chans": model.in_chans}
-    kwargs.update({k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model, k) is not None})
-    return kwargs
-
-
 def _safe_name(name: str, taken: set[str]) -> str:
     base = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "image"
     out, i = base, 1
@@ -343,18 +329,14 @@ def run(params: Params) -> dict[str, float]:
         prefixed ``random_``.
     """
     from stages.dino.backbones import build_backbone_from_params
-    from stages.dino.checkpoint import load_backbone
+    from stages.dino.checkpoint import load_teacher, teacher_path
 
     cfg, model = params.attention, params.model
     if model.arch == "resnet50":
         raise StageError("the attention stage needs a ViT; model.arch = 'resnet50' has no self-attention")
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
-    device = _device(cfg.device)
-    backbone = load_backbone(ckpt, model.arch, model.patch_size, which="teacher", **_build_kwargs(params))
-    backbone = backbone.to(device).eval()
+    teacher_path(params)
+    device = resolve_device(cfg.device, "attention.device")
+    backbone = load_teacher(params).to(device).eval()
     patch = backbone.patch_size
     if cfg.image_size < patch:
         raise StageError(f"attention.image_size = {cfg.image_size} is smaller than model.patch_size = {patch}")

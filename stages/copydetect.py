@@ -49,8 +49,9 @@ from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
+from stages.device import resolve_device
 from stages.params import Params
-from stages.retrieval import list_images, load_teacher, open_rgb, select_device
+from stages.retrieval import list_images, load_rgb_teacher, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -359,8 +360,8 @@ def run(params: Params) -> dict[str, float]:
     data = read_copydays(dataset_root(params))
     distractors = list_images(cfg.distractors, "copydetect.distractors") if cfg.distractors else []
     whitening = list_images(cfg.whitening, "copydetect.whitening") if cfg.whitening else []
-    device = select_device(cfg.device, "copydetect.device")
-    backbone = load_teacher(params)
+    device = resolve_device(cfg.device, "copydetect.device")
+    backbone = load_rgb_teacher(params)
     metrics = evaluate_copydays(
         backbone, data, imsize=cfg.imsize, topk=cfg.topk, distractors=distractors, whitening=whitening,
         batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,

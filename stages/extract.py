@@ -28,7 +28,6 @@ shards' order by their sample indices.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from stages.atomic import atomic_dir
 from stages.cli import StageError, run_stage
 from stages.features import write_features
+from stages.file_digest import file_sha256
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -344,17 +344,6 @@ def pixel_transform(resize: int, crop_size: int) -> Callable[[Any], torch.Tensor
     ])
 
 
-def resolve_device(requested: str, default: torch.device) -> torch.device:
-    """params' "auto"/"cpu"/"cuda" -> a device; "auto" takes the launcher's (CUDA when present)."""
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise StageError("extract.device = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-        return default if default.type == "cuda" else torch.device("cuda")
-    return default
-
-
 def extract_split(
     params: Params,
     split: str,
@@ -374,10 +363,11 @@ def extract_split(
     Returns:
         ``(features (N, D') float32, labels (N,) int64, keys)``, in the shards' order.
     """
+    from stages.device import resolve_device
     from stages.distributed import init_distributed
 
     info = init_distributed()
-    device = resolve_device(params.extract.device, info.device)
+    device = resolve_device(params.extract.device, "extract.device", info.device)
     if transform is None:
         from stages.dino.augment import eval_transform
 
@@ -390,24 +380,6 @@ def extract_split(
     if labels is None or keys is None:
         raise StageError(f"{params.paths.shards}: split {split!r} holds no samples")
     return feats, labels, keys
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _build_kwargs(params: Params) -> dict[str, Any]:
-    model = params.model
-    kwargs: dict[str, Any] = {"img_size": model.img_size, "in_chans": model.in_chans}
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(model, name) is not None:
-            kwargs[name] = getattr(model, name)
-    return kwargs
 
 
 def check_extract_params(params: Params) -> None:
@@ -439,18 +411,14 @@ def run(params: Params) -> dict[str, float]:
     configured pooling, and writes ``<paths.features>/{train,val}`` (the whole folder atomically,
     rank 0). Returns a small summary (sample counts and feature dimension).
     """
-    from stages.dino.checkpoint import load_backbone
+    from stages.dino.checkpoint import load_teacher, teacher_path
     from stages.distributed import barrier, init_distributed
     from stages.shard_format import read_manifest
 
     check_extract_params(params)
     info = init_distributed()
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
-    backbone = load_backbone(ckpt, params.model.arch, params.model.patch_size, which="teacher",
-                             **_build_kwargs(params))
+    ckpt = teacher_path(params)
+    backbone = load_teacher(params)
     manifest = read_manifest(params.paths.shards)
     classes = list(manifest.get("classes", []))
     meta = {

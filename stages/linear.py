@@ -43,13 +43,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.atomic import torch_save, write_json
+from stages.atomic import write_json
 from stages.cli import StageError, run_stage
+from stages.device import resolve_device
+from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pth"
 #: RandomResizedCrop's area range in the reference (torchvision's default).
 TRAIN_CROP_SCALE: tuple[float, float] = (0.08, 1.0)
 #: linear.* keys that do not change the result: a checkpoint made with other values resumes.
@@ -259,35 +260,6 @@ class ImageBatches:
 # ------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``<directory>/checkpoint.pth`` atomically; returns its path."""
-    path = Path(directory) / CHECKPOINT_NAME
-    torch_save(state, path)
-    return path
-
-
-def load_checkpoint(directory: str | Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint in `directory` if there is one made with the same `fingerprint`, else None
-    (a checkpoint of other params is left alone and training starts from scratch, with a warning).
-
-    Raises:
-        StageError: the file exists but cannot be read.
-    """
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file: refuse rather than silently start over
-        raise StageError(f"{path}: unreadable linear checkpoint ({exc}); delete it to start over") from exc
-    stored = state.get("fingerprint", {})
-    if stored != fingerprint:
-        changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-        logger.warning("%s was made with other params (%s): starting from scratch", path, ", ".join(changed))
-        return None
-    return state
-
-
 def _fingerprint(params: Params, source_sha256: str) -> dict[str, Any]:
     lin = params.linear.model_dump(mode="json")
     for key in _RUNTIME_KEYS:
@@ -301,16 +273,6 @@ def _fingerprint(params: Params, source_sha256: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
-
-
-def _device(requested: str, default: torch.device) -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise StageError("linear.device = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-        return default if default.type == "cuda" else torch.device("cuda")
-    return default
 
 
 def _mean_over_ranks(value: float, info: Any) -> float:
@@ -355,19 +317,14 @@ def _features_data(params: Params, batch_size: int, rank: int, world_size: int):
 def _full_data(params: Params, batch_size: int, device: torch.device, rank: int, world_size: int):
     """Mode full: (training batches, val features, val labels, num classes, source sha)."""
     from stages.dino.augment import eval_transform
-    from stages.dino.checkpoint import load_backbone
-    from stages.extract import extract_split, file_sha256
+    from stages.dino.checkpoint import load_teacher, teacher_path
+    from stages.extract import extract_split
+    from stages.file_digest import file_sha256
     from stages.shard_format import read_manifest
 
     pooling, n_last_blocks = linear_pooling(params)
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
-    model = params.model
-    kwargs = {"img_size": model.img_size, "in_chans": model.in_chans}
-    kwargs.update({k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model, k) is not None})
-    backbone = load_backbone(ckpt, model.arch, model.patch_size, which="teacher", **kwargs).to(device).eval()
+    ckpt = teacher_path(params)
+    backbone = load_teacher(params).to(device).eval()
     num_classes = len(read_manifest(params.paths.shards)["classes"])
     lin = params.linear
     # The validation features are deterministic: extracted once (through extract's machinery, with
@@ -395,7 +352,7 @@ def run(params: Params) -> dict[str, float]:
 
     lin = params.linear
     info = init_distributed()
-    device = _device(lin.device, info.device)
+    device = resolve_device(lin.device, "linear.device", info.device)
     batch = _per_rank_batch(lin.batch_size, info.world_size)
     if lin.mode == "features":
         batches, val_x, val_y, num_classes, source = _features_data(params, batch, info.rank, info.world_size)
@@ -415,7 +372,7 @@ def run(params: Params) -> dict[str, float]:
     fingerprint = _fingerprint(params, source)
     start_epoch, history = 0, []
     best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    state = load_checkpoint(params.paths.linear, fingerprint)
+    state = load_checkpoint(params.paths.linear, fingerprint, what="linear")
     if state is not None:
         classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])

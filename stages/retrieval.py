@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
+from stages.device import resolve_device
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -322,19 +323,6 @@ class RetrievalImages(Dataset):
         return retrieval_image(self.paths[index], self.imsize, box)
 
 
-def select_device(requested: str, key: str) -> torch.device:
-    """params' "auto" / "cpu" / "cuda" -> a device ("auto": CUDA when available).
-
-    Raises:
-        StageError: "cuda" requested without CUDA (naming `key`).
-    """
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise StageError(f"{key} = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
 @torch.no_grad()
 def image_features(
     backbone: nn.Module,
@@ -460,33 +448,19 @@ def evaluate_dataset(
 # The stage
 
 
-def backbone_kwargs(params: Params) -> dict[str, Any]:
-    """`build_backbone` keyword arguments of the params' model section (overrides only if set)."""
-    model = params.model
-    kwargs: dict[str, Any] = {"img_size": model.img_size, "in_chans": model.in_chans}
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(model, name) is not None:
-            kwargs[name] = getattr(model, name)
-    return kwargs
-
-
-def load_teacher(params: Params) -> nn.Module:
-    """The frozen teacher backbone of ``paths.teacher_backbone``, as ``params.model`` describes.
+def load_rgb_teacher(params: Params) -> nn.Module:
+    """The frozen teacher backbone (`stages.dino.checkpoint.load_teacher`), for RGB images.
 
     Raises:
         StageError: a missing file, RGB-incompatible ``model.in_chans``, or a checkpoint that does
             not match the model.
     """
-    from stages.dino.checkpoint import load_backbone
+    from stages.dino.checkpoint import load_teacher, teacher_path
 
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
+    teacher_path(params)
     if params.model.in_chans != 3:
         raise StageError(f"model.in_chans = {params.model.in_chans}: the benchmark images are RGB (3 channels)")
-    return load_backbone(ckpt, params.model.arch, params.model.patch_size, which="teacher",
-                         **backbone_kwargs(params))
+    return load_teacher(params)
 
 
 def dataset_root(params: Params) -> Path:
@@ -519,8 +493,8 @@ def run(params: Params) -> dict[str, float]:
     root = dataset_root(params)
     datasets = [load_revisited(root, name, need_bbx=cfg.crop_queries) for name in cfg.datasets]
     distractor_paths = list_images(cfg.distractors, "retrieval.distractors") if cfg.distractors else []
-    device = select_device(cfg.device, "retrieval.device")
-    backbone = load_teacher(params)
+    device = resolve_device(cfg.device, "retrieval.device")
+    backbone = load_rgb_teacher(params)
     distractors = None
     if distractor_paths:
         distractors = image_features(backbone, distractor_paths, cfg.imsize, multiscale=cfg.multiscale,

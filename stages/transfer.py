@@ -38,7 +38,6 @@ best top-1 (with its top-5 and epoch), in percent; top-5 counts the min(5, C) be
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -52,13 +51,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from stages.atomic import torch_save, write_json
+from stages.atomic import write_json
 from stages.cli import StageError, run_stage
+from stages.device import resolve_device
+from stages.file_digest import file_sha256
+from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from stages.params import Params, Transfer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pth"
 #: DeiT scales its learning rate linearly with the global batch size, relative to 512.
 LR_BATCH_BASE = 512
 #: ViT parameters without weight decay besides biases and 1-D tensors (timm's no_weight_decay).
@@ -338,35 +339,6 @@ def _labels_of(dataset: Dataset) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``<directory>/checkpoint.pth`` atomically; returns its path."""
-    path = Path(directory) / CHECKPOINT_NAME
-    torch_save(state, path)
-    return path
-
-
-def load_checkpoint(directory: str | Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint in `directory` if it was made with the same `fingerprint`, else None (a
-    checkpoint of other params is left alone and training starts over, with a warning).
-
-    Raises:
-        StageError: the file exists but cannot be read.
-    """
-    path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file: refuse rather than silently start over
-        raise StageError(f"{path}: unreadable transfer checkpoint ({exc}); delete it to start over") from exc
-    stored = state.get("fingerprint", {})
-    if stored != fingerprint:
-        changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
-        logger.warning("%s was made with other params (%s): starting from scratch", path, ", ".join(changed))
-        return None
-    return state
-
-
 def _fingerprint(params: Params, backbone_sha256: str, data: str) -> dict[str, Any]:
     cfg = params.transfer.model_dump(mode="json")
     for key in _RUNTIME_KEYS:
@@ -378,16 +350,6 @@ def _fingerprint(params: Params, backbone_sha256: str, data: str) -> dict[str, A
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
-
-
-def _device(requested: str, default: torch.device) -> torch.device:
-    if requested == "cpu":
-        return torch.device("cpu")
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise StageError("transfer.device = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-        return default if default.type == "cuda" else torch.device("cuda")
-    return default
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -404,20 +366,14 @@ def build_model(params: Params, num_classes: int) -> TransferModel:
         StageError: the checkpoint is missing or does not match ``model.*``, or the crop size is
             not a whole number of patches.
     """
-    from stages.dino.checkpoint import load_backbone
+    from stages.dino.checkpoint import load_teacher, teacher_path
 
     model, cfg = params.model, params.transfer
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
+    teacher_path(params)
     if model.arch != "resnet50" and cfg.crop_size % model.patch_size:
         raise StageError(f"transfer.crop_size = {cfg.crop_size} is not a multiple of model.patch_size = "
                          f"{model.patch_size}")
-    kwargs: dict[str, Any] = {"img_size": model.img_size, "in_chans": model.in_chans,
-                              "drop_path_rate": cfg.drop_path_rate}
-    kwargs.update({k: getattr(model, k) for k in ("embed_dim", "depth", "num_heads") if getattr(model, k) is not None})
-    backbone = load_backbone(ckpt, model.arch, model.patch_size, which="teacher", **kwargs)
+    backbone = load_teacher(params, drop_path_rate=cfg.drop_path_rate)
     backbone.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):  # the head's init only; the caller's RNG is left alone
         torch.manual_seed(cfg.seed)
@@ -449,15 +405,6 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     return {"top1": 100.0 * float(total[0]) / n, "top5": 100.0 * float(total[1]) / n}
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes (the checkpoint fingerprint's backbone and manifest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1)[0])
 
@@ -477,7 +424,7 @@ def run(params: Params) -> dict[str, float]:
 
     cfg = params.transfer
     info = init_distributed()
-    device = _device(cfg.device, info.device)
+    device = resolve_device(cfg.device, "transfer.device", info.device)
     if cfg.batch_size % info.world_size:
         raise StageError(f"transfer.batch_size = {cfg.batch_size} is not divisible by the {info.world_size} processes")
     batch = cfg.batch_size // info.world_size
@@ -493,7 +440,7 @@ def run(params: Params) -> dict[str, float]:
     fingerprint = _fingerprint(params, file_sha256(params.paths.teacher_backbone), data_fp)
     start_epoch, history = 0, []
     best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    state = load_checkpoint(params.paths.transfer, fingerprint)
+    state = load_checkpoint(params.paths.transfer, fingerprint, what="transfer")
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

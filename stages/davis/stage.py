@@ -20,7 +20,7 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from stages.davis.dataset import DavisLayoutError, load_sequence, num_objects, r
 from stages.davis.evaluate import SUMMARY_KEYS, ObjectScores, evaluate_objects, summarize
 from stages.davis.palette import VOID_ID, write_indexed_png
 from stages.davis.propagate import PropagationSettings, segment_sequence
+from stages.device import resolve_device
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -76,24 +77,6 @@ def check_davis_params(params: Params) -> None:
         value = getattr(davis, key)
         if value % model.patch_size:
             raise StageError(f"davis.{key} = {value} is not a multiple of model.patch_size = {model.patch_size}")
-
-
-def _build_kwargs(params: Params) -> dict[str, Any]:
-    model = params.model
-    kwargs: dict[str, Any] = {"img_size": model.img_size, "in_chans": model.in_chans}
-    for name in ("embed_dim", "depth", "num_heads"):
-        if getattr(model, name) is not None:
-            kwargs[name] = getattr(model, name)
-    return kwargs
-
-
-def resolve_device(requested: str) -> torch.device:
-    """davis.device "auto" (CUDA when available) / "cpu" / "cuda" -> a device."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise StageError("davis.device = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def _read_frame(path: Path) -> np.ndarray:
@@ -154,18 +137,14 @@ def run(params: Params) -> dict[str, float]:
     Returns:
         The metrics written to `<paths.metrics>/davis.json`.
     """
-    from stages.dino.checkpoint import load_backbone
+    from stages.dino.checkpoint import load_teacher, teacher_path
 
     check_davis_params(params)
-    ckpt = Path(params.paths.teacher_backbone)
-    if not ckpt.is_file():
-        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
-                         "paths.teacher_backbone at a reference checkpoint)")
+    teacher_path(params)  # before the fixture is written
     root = davis_root(params)
     names = read_sequence_names(root, "val")
-    device = resolve_device(params.davis.device)
-    backbone = load_backbone(ckpt, params.model.arch, params.model.patch_size, which="teacher",
-                             **_build_kwargs(params)).to(device)
+    device = resolve_device(params.davis.device, "davis.device")
+    backbone = load_teacher(params).to(device)
     settings = PropagationSettings.from_params(params.davis)
     logger.info("davis: %d sequences of %s, %s, device %s", len(names), root, settings, device)
     results = Path(params.davis.results)

@@ -298,6 +298,25 @@ def build_backbone(
     )
 
 
+def backbone_kwargs(model_params: Model) -> dict[str, int]:
+    """`build_backbone` keyword arguments of the `model` section of params.yaml, beside arch and
+    patch_size: img_size and in_chans, and the ViT size overrides that are set (not None).
+
+    Args:
+        model_params: the validated `stages.params.Model` section.
+
+    Returns:
+        ``{"img_size", "in_chans"}`` plus those of ``{"embed_dim", "depth", "num_heads"}`` that are
+        not None.
+    """
+    kwargs = {"img_size": model_params.img_size, "in_chans": model_params.in_chans}
+    for name in ("embed_dim", "depth", "num_heads"):
+        value = getattr(model_params, name)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
 def build_backbone_from_params(model_params: Model, drop_path_rate: float | None = None) -> nn.Module:
     """Build the backbone described by the `model` section of params.yaml.
 
@@ -312,10 +331,6 @@ def build_backbone_from_params(model_params: Model, drop_path_rate: float | None
     return build_backbone(
         model_params.arch,
         patch_size=model_params.patch_size,
-        img_size=model_params.img_size,
-        in_chans=model_params.in_chans,
         drop_path_rate=model_params.drop_path_rate if drop_path_rate is None else drop_path_rate,
-        embed_dim=model_params.embed_dim,
-        depth=model_params.depth,
-        num_heads=model_params.num_heads,
+        **backbone_kwargs(model_params),
     )

@@ -26,13 +26,16 @@ import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 
 from stages.cli import StageError
-from stages.dino.backbones import build_backbone, interpolate_pos_embed
+from stages.dino.backbones import backbone_kwargs, build_backbone, interpolate_pos_embed
+
+if TYPE_CHECKING:
+    from stages.params import Params
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +283,40 @@ def load_backbone(
     model.requires_grad_(False)
     logger.info("loaded %s/%s backbone (%d tensors) from %s", arch, patch_size, len(state), path)
     return model
+
+
+def teacher_path(params: Params) -> Path:
+    """``paths.teacher_backbone``, checked to exist.
+
+    Raises:
+        StageError: the file does not exist (naming it and what writes it).
+    """
+    ckpt = Path(params.paths.teacher_backbone)
+    if not ckpt.is_file():
+        raise StageError(f"{ckpt}: teacher backbone not found (run the pretrain stage, or point "
+                         "paths.teacher_backbone at a reference checkpoint)")
+    return ckpt
+
+
+def load_teacher(params: Params, **build_overrides: Any) -> nn.Module:
+    """The frozen teacher backbone of ``paths.teacher_backbone``, as ``params.model`` describes it:
+    what every evaluation stage reads (ours, or a reference checkpoint pointed at).
+
+    Args:
+        params: validated params (paths.teacher_backbone, model.*).
+        **build_overrides: further `build_backbone` arguments, over those of the model section
+            (transfer's ``drop_path_rate``).
+
+    Returns:
+        The backbone, as `load_backbone` returns it (eval mode, no gradients, on the CPU).
+
+    Raises:
+        StageError: the file does not exist (naming it and the key).
+        CheckpointError: the file does not hold a backbone matching ``params.model``.
+    """
+    model = params.model
+    kwargs: dict[str, Any] = {**backbone_kwargs(model), **build_overrides}
+    return load_backbone(teacher_path(params), model.arch, model.patch_size, which="teacher", **kwargs)
 
 
 def _to_weight_norm_layout(key: str, target_keys: set[str]) -> str:

@@ -1,0 +1,37 @@
+"""The device a stage runs on, from its params' ``device: auto | cpu | cuda`` key."""
+
+from __future__ import annotations
+
+import torch
+
+from stages.cli import StageError
+
+
+def resolve_device(requested: str, key: str, default: torch.device | None = None) -> torch.device:
+    """A params ``device`` value as a `torch.device`.
+
+    Args:
+        requested: "auto", "cpu" or "cuda" (the schema's `Literal`).
+        key: the dotted params key it came from ("extract.device"), named in the error.
+        default: the launcher's device (`stages.distributed.init_distributed().device`: this
+            process's GPU under torchrun/srun, else the CPU). "auto" returns it, and "cuda" returns
+            it when it is a CUDA device (so each rank keeps its own GPU). None: "auto" is CUDA when
+            available, else the CPU, and "cuda" is the current CUDA device.
+
+    Returns:
+        The device.
+
+    Raises:
+        StageError: "cuda" requested on a machine without CUDA (naming `key`).
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise StageError(f"{key} = 'cuda' but CUDA is not available (use 'auto' or 'cpu')")
+        return default if default is not None and default.type == "cuda" else torch.device("cuda")
+    if requested != "auto":
+        raise StageError(f"{key} = {requested!r}: allowed are 'auto', 'cpu' and 'cuda'")
+    if default is not None:
+        return default
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
