@@ -24,11 +24,11 @@ from stages.attention import (
     voc_samples,
 )
 from stages.attention import run as attention_run
-from stages.atomic import torch_save
 from stages.cli import StageError
 from stages.dino.backbones import build_backbone_from_params
 from stages.params import ParamsError, validate_params
 from test_linear import eval_config
+from tiny_config import save_random_teacher
 
 #: VOC class indices given to the fixture's objects (person, cat, bottle, aeroplane).
 VOC_CLASSES = {"astronaut": 15, "chelsea": 8, "coffee": 5, "rocket": 1}
@@ -210,19 +210,11 @@ def test_voc_masks_must_be_index_images(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _save_random_vit(params) -> torch.nn.Module:
-    torch.manual_seed(3)
-    vit = build_backbone_from_params(params.model, drop_path_rate=0.0).eval()
-    torch_save({"teacher_backbone": vit.state_dict(), "model": params.model.model_dump(mode="json")},
-               params.paths.teacher_backbone)
-    return vit
-
-
 def test_stage_end_to_end_with_a_tiny_vit(tmp_path: Path) -> None:
     make_voc_fixture(tmp_path / "voc", size=40, patch=4)
     params = validate_params(eval_config(tmp_path, attention={"image_size": 34, "device": "cpu",
                                                               "voc_root": str(tmp_path / "voc")}))
-    vit = _save_random_vit(params)
+    vit = save_random_teacher(params, seed=3)
     metrics = attention_run(params)
     assert metrics["n_images"] == 3 and metrics["heads"] == 2 and metrics["n_voc_images"] == 4
     expected_keys = {"jaccard_head0", "jaccard_head1", "jaccard_best_head", "jaccard_mean_heads"}
@@ -259,7 +251,7 @@ def test_stage_on_an_image_folder(tmp_path: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (25, 25), dtype=np.uint8)).save(folder / "b b.jpg")
     (folder / "notes.txt").write_text("not an image")
     params = validate_params(eval_config(tmp_path, attention={"image_size": 16, "device": "cpu", "images": str(folder)}))
-    _save_random_vit(params)
+    save_random_teacher(params, seed=3)
     metrics = attention_run(params)
     assert metrics == {"n_images": 2.0, "heads": 2.0}
     assert sorted(p.name for p in (Path(params.paths.plots) / "attention").iterdir()) == ["a", "b_b"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tiny_config import tiny_params, write_params
+from tiny_config import save_random_teacher, tiny_params, write_params
 from stages.cli import StageError
 from stages.copydetect import (
     Whitening,
@@ -150,16 +150,6 @@ def _hand_strong_map(vit, root: Path, imsize: int, extra: list[Path]) -> float:
     return 100 * total / len(strong)
 
 
-def _save_tiny_teacher(params):
-    torch.manual_seed(0)
-    m = params.model
-    vit = build_backbone(m.arch, patch_size=m.patch_size, img_size=m.img_size, embed_dim=m.embed_dim,
-                         depth=m.depth, num_heads=m.num_heads).eval()
-    Path(params.paths.teacher_backbone).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"teacher_backbone": vit.state_dict(), "model": m.model_dump(mode="json")}, params.paths.teacher_backbone)
-    return vit
-
-
 def test_stage_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     distractors = write_image_folder(tmp_path / "distractors", 4, seed=3, prefix="9999")
     raw = tiny_params(tmp_path, copydetect={
@@ -167,7 +157,7 @@ def test_stage_end_to_end_on_the_fixture(tmp_path: Path) -> None:
         "device": "cpu", "distractors": str(tmp_path / "distractors"),
     })
     params = validate_params(raw)
-    vit = _save_tiny_teacher(params)
+    vit = save_random_teacher(params)
     metrics = run(params)
     assert json.loads((tmp_path / "metrics/copydetect.json").read_text()) == metrics
     blocks = ["original", "strong"] + [f"jpegqual_{q}" for q in JPEG_QUALITIES] + [f"crops_{c}" for c in CROP_PERCENTS]
@@ -187,7 +177,7 @@ def test_stage_with_whitening_runs_and_keeps_originals_first(tmp_path: Path, cop
         "whitening": str(tmp_path / "white"),
     })
     params = validate_params(raw)
-    _save_tiny_teacher(params)
+    save_random_teacher(params)
     metrics = run(params)
     assert metrics["original_mAP"] == pytest.approx(100.0)
     assert metrics["n_database"] == 6

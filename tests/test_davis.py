@@ -20,7 +20,7 @@ from stages.davis.metrics import boundary_f_measure, boundary_map, boundary_radi
 from stages.davis.palette import VOID_ID, davis_palette, read_indexed_png, write_indexed_png
 from stages.davis.propagate import PropagationSettings, propagate_labels, segment_sequence
 from stages.params import validate_params
-from tiny_config import tiny_params, write_params
+from tiny_config import save_random_teacher, tiny_params, write_params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,22 +415,11 @@ def _stage_params(tmp: Path, fixture: Path, **davis) -> dict:
     return params
 
 
-def _save_random_teacher(params: dict) -> None:
-    from stages.dino.backbones import build_backbone_from_params
-
-    p = validate_params(params)
-    torch.manual_seed(0)
-    backbone = build_backbone_from_params(p.model, drop_path_rate=0.0)
-    path = Path(p.paths.teacher_backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"teacher_backbone": backbone.state_dict(), "model": p.model.model_dump(mode="json")}, path)
-
-
 def test_stage_end_to_end_on_the_fixture(davis_fixture, tmp_path):
     from stages.davis import main
 
     params = _stage_params(tmp_path, tmp_path / "fixture")  # root null: the stage writes the fixture
-    _save_random_teacher(params)
+    save_random_teacher(validate_params(params))
     params_file = write_params(tmp_path / "params.yaml", params)
     assert main(["--params", str(params_file)]) == 0
     metrics = json.loads((tmp_path / "metrics" / "davis.json").read_text())
@@ -465,7 +454,7 @@ def test_stage_refuses_bad_settings_before_writing(davis_fixture, tmp_path):
     from stages.davis import run
 
     params = _stage_params(tmp_path, davis_fixture, short_side=90)  # not a multiple of patch 4
-    _save_random_teacher(params)
+    save_random_teacher(validate_params(params))
     with pytest.raises(StageError, match="davis.short_side = 90"):
         run(validate_params(params))
     params = _stage_params(tmp_path, davis_fixture, root=str(tmp_path / "no-davis"))

@@ -367,7 +367,7 @@ def test_shard_dataset_splits_every_sample_once_over_ranks_and_workers(tiny_extr
 
 def test_extract_cli_reports_a_missing_checkpoint(tmp_path, caplog):
     from stages.extract import main
-    from tests.conftest import write_params
+    from tiny_config import write_params
 
     path = write_params(tmp_path / "params.yaml", tiny_params(tmp_path))
     with caplog.at_level("ERROR"):

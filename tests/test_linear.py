@@ -14,7 +14,7 @@ import torch
 import stages.linear as linear
 from stages.features import write_features
 from stages.params import ParamsError, Params, validate_params
-from tiny_config import tiny_params
+from tiny_config import save_random_teacher, tiny_params
 
 
 def eval_config(root: Path, **overrides: dict) -> dict:
@@ -30,18 +30,13 @@ def tiny_pipeline(root: Path, subset: dict | None = None, seed: int = 0, **overr
     extracted features: what the evaluation stages read."""
     import stages.extract
     import stages.shard
-    from stages.atomic import torch_save
-    from stages.dino.backbones import build_backbone_from_params
 
     config = eval_config(root, **overrides)
     if subset is not None:
         config["dataset"]["subset"] = subset
     params = validate_params(config)
     stages.shard.run(params)
-    torch.manual_seed(seed)
-    backbone = build_backbone_from_params(params.model, drop_path_rate=0.0)
-    torch_save({"teacher_backbone": backbone.state_dict(), "model": params.model.model_dump(mode="json")},
-               params.paths.teacher_backbone)
+    save_random_teacher(params, seed)
     stages.extract.run(params)
     return params
 

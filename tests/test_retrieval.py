@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tiny_config import tiny_params, write_params
+from tiny_config import save_random_teacher, tiny_params, write_params
 from stages.cli import StageError
 from stages.dino.backbones import build_backbone
 from stages.fixtures import bundled_photo
@@ -246,17 +246,6 @@ def test_fixture_is_the_revisitop_layout_and_deterministic(fixture_root: Path, t
 # ------------------------------------------------------------------------------------ stage
 
 
-def _save_tiny_teacher(params) -> nn.Module:
-    torch.manual_seed(0)
-    model = params.model
-    vit = build_backbone(model.arch, patch_size=model.patch_size, img_size=model.img_size,
-                         embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads).eval()
-    path = Path(params.paths.teacher_backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"teacher_backbone": vit.state_dict(), "model": model.model_dump(mode="json")}, path)
-    return vit
-
-
 def _hand_metrics(vit: nn.Module, root: Path, name: str, imsize: int, extra: list[Path]) -> dict[str, float]:
     """The stage's numbers recomputed by hand: reference inputs, CLS, cosine, revisitop scores."""
     with open(root / name / f"gnd_{name}.pkl", "rb") as handle:
@@ -292,7 +281,7 @@ def test_stage_end_to_end_on_the_fixture_with_distractors(tmp_path: Path) -> Non
         "distractors": str(tmp_path / "distractors"),
     })
     params = validate_params(raw)
-    vit = _save_tiny_teacher(params)
+    vit = save_random_teacher(params)
     metrics = run(params)
     written = json.loads((tmp_path / "metrics/retrieval.json").read_text())
     assert written == metrics

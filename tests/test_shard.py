@@ -16,7 +16,7 @@ from PIL import Image
 from stages import shard
 from stages.params import validate_params
 from stages.shard_format import decode_image, iter_samples, read_manifest, shard_paths
-from tests.conftest import tiny_params, write_params
+from tiny_config import tiny_params, write_params
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 from stages import shard, transfer
-from stages.atomic import torch_save
 from stages.cli import StageError
-from stages.dino.backbones import build_backbone_from_params
 from stages.params import Params, Transfer, validate_params
-from tiny_config import tiny_params, write_params
+from tiny_config import save_random_teacher, tiny_params, write_params
 
 FAST = {
     "epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 1, "crop_size": 16, "resize": 16,
@@ -37,10 +35,7 @@ def data_root(tmp_path_factory) -> Path:
     params = _params(root)
     shard.run(params)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(123)
-        backbone = build_backbone_from_params(params.model, drop_path_rate=0.0)
-    torch_save({"teacher_backbone": backbone.state_dict(), "model": params.model.model_dump(mode="json")},
-               params.paths.teacher_backbone)
+        save_random_teacher(params, seed=123)
     return root
 
 
