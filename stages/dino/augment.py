@@ -36,6 +36,8 @@ GLOBAL1_BLUR, GLOBAL2_BLUR, LOCAL_BLUR = 1.0, 0.1, 0.5
 GLOBAL2_SOLARIZE = 0.2
 
 ImageInput = Union[bytes, bytearray, memoryview, Image.Image]
+#: One view of a multi-crop: (side in pixels, RandomResizedCrop area range, blur p, solarisation p).
+ViewSpec = tuple[int, tuple[float, float], float, float]
 
 
 def _uniform(low: float, high: float) -> float:
@@ -139,6 +141,43 @@ def to_rgb(image: ImageInput) -> Image.Image:
     raise ValueError(f"expected encoded image bytes or a PIL image, got {type(image).__name__}")
 
 
+def multicrop_views(
+    global_crops_scale: tuple[float, float],
+    local_crops_scale: tuple[float, float],
+    local_crops_number: int,
+    global_size: int,
+    local_size: int,
+    global_crops_number: int = 2,
+    owner: str = "MultiCrop",
+) -> list[ViewSpec]:
+    """The views of a DINO multi-crop, checked: what `MultiCrop` (PIL) and
+    `stages.dino.augment_batch.BatchMultiCrop` (tensors) both render.
+
+    Args: as `MultiCrop`'s; `owner` names the caller in the errors.
+
+    Returns:
+        The views in output order [global 1, global 2, local 1, ..., local n]: global 1 blurred
+        with p 1.0, global 2 with p 0.1 and solarised with p 0.2, locals blurred with p 0.5
+        (reference DataAugmentationDINO).
+
+    Raises:
+        ValueError: global_crops_number not 1 or 2, a negative local_crops_number, or a scale that
+            is not (min, max) with 0 < min <= max <= 1.
+    """
+    if global_crops_number not in (1, 2):
+        raise ValueError(f"{owner}: global_crops_number must be 1 or 2, got {global_crops_number}")
+    if local_crops_number < 0:
+        raise ValueError(f"{owner}: local_crops_number must be >= 0, got {local_crops_number}")
+    for name, (lo, hi) in (("global_crops_scale", global_crops_scale),
+                           ("local_crops_scale", local_crops_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"{owner}: {name} must be (min, max) with 0 < min <= max <= 1, "
+                             f"got {tuple((lo, hi))}")
+    global_views = [(GLOBAL1_BLUR, 0.0), (GLOBAL2_BLUR, GLOBAL2_SOLARIZE)][:global_crops_number]
+    views: list[ViewSpec] = [(global_size, tuple(global_crops_scale), blur, sol) for blur, sol in global_views]
+    return views + [(local_size, tuple(local_crops_scale), LOCAL_BLUR, 0.0)] * local_crops_number
+
+
 class MultiCrop:
     """DINO multi-crop: 2 global views and `local_crops_number` local views of one image.
 
@@ -170,19 +209,9 @@ class MultiCrop:
         local_size: int = 96,
         global_crops_number: int = 2,
     ) -> None:
-        if global_crops_number not in (1, 2):
-            raise ValueError(f"MultiCrop: global_crops_number must be 1 or 2, got {global_crops_number}")
-        if local_crops_number < 0:
-            raise ValueError(f"MultiCrop: local_crops_number must be >= 0, got {local_crops_number}")
-        for name, (lo, hi) in (("global_crops_scale", global_crops_scale),
-                               ("local_crops_scale", local_crops_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"MultiCrop: {name} must be (min, max) with 0 < min <= max <= 1, "
-                                 f"got {tuple((lo, hi))}")
-        global_views = [(GLOBAL1_BLUR, 0.0), (GLOBAL2_BLUR, GLOBAL2_SOLARIZE)][:global_crops_number]
-        self.global_transforms = [
-            view_transform(global_size, global_crops_scale, blur, sol) for blur, sol in global_views
-        ]
+        views = multicrop_views(global_crops_scale, local_crops_scale, local_crops_number, global_size,
+                                local_size, global_crops_number, owner="MultiCrop")
+        self.global_transforms = [view_transform(*view) for view in views[:global_crops_number]]
         self.local_transform = view_transform(local_size, local_crops_scale, LOCAL_BLUR)
         self.local_crops_number = local_crops_number
 

@@ -63,13 +63,11 @@ import torch.nn.functional as F
 
 from stages.dino.augment import (
     BLUR_RADIUS,
-    GLOBAL1_BLUR,
-    GLOBAL2_BLUR,
-    GLOBAL2_SOLARIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    LOCAL_BLUR,
     SOLARIZE_THRESHOLD,
+    ViewSpec,
+    multicrop_views,
 )
 
 logger = logging.getLogger(__name__)
@@ -584,26 +582,16 @@ class BatchMultiCrop:
         global_crops_number: int = 2,
         resample: ResampleMode = "auto",
     ) -> None:
-        if global_crops_number not in (1, 2):
-            raise ValueError(f"BatchMultiCrop: global_crops_number must be 1 or 2, got {global_crops_number}")
-        if local_crops_number < 0:
-            raise ValueError(f"BatchMultiCrop: local_crops_number must be >= 0, got {local_crops_number}")
+        #: (size, scale, blur p, solarise p) of every view, in output order.
+        self.views: list[ViewSpec] = multicrop_views(global_crops_scale, local_crops_scale, local_crops_number,
+                                                     global_size, local_size, global_crops_number,
+                                                     owner="BatchMultiCrop")
         if global_size < 1 or local_size < 1:
             raise ValueError(f"BatchMultiCrop: global_size and local_size must be >= 1, "
                              f"got {global_size}, {local_size}")
         if resample not in ("auto", "matmul", "interpolate"):
             raise ValueError(f"BatchMultiCrop: resample must be 'auto', 'matmul' or 'interpolate', "
                              f"got {resample!r}")
-        for name, (lo, hi) in (("global_crops_scale", global_crops_scale),
-                               ("local_crops_scale", local_crops_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"BatchMultiCrop: {name} must be (min, max) with 0 < min <= max <= 1, "
-                                 f"got {tuple((lo, hi))}")
-        global_views = [(GLOBAL1_BLUR, 0.0), (GLOBAL2_BLUR, GLOBAL2_SOLARIZE)][:global_crops_number]
-        #: (size, scale, blur p, solarise p) of every view, in output order.
-        self.views: list[tuple[int, tuple[float, float], float, float]] = [
-            (global_size, tuple(global_crops_scale), blur, sol) for blur, sol in global_views
-        ] + [(local_size, tuple(local_crops_scale), LOCAL_BLUR, 0.0)] * local_crops_number
         self.resample = resample
 
     @property
