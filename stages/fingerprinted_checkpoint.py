@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: The checkpoint's file name in the stage's output folder.
 CHECKPOINT_NAME = "checkpoint.pth"
+#: The best evaluation before any ("top1", "top5" in percent, 1-based "epoch"): any top-1 beats it.
+NO_BEST: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -65,3 +67,34 @@ def load_checkpoint(directory: str | Path, fingerprint: dict[str, Any], what: st
         logger.warning("%s was made with other params (%s): starting from scratch", path, ", ".join(changed))
         return None
     return state
+
+
+def resume(directory: str | Path, fingerprint: dict[str, Any], what: str,
+           stateful: Mapping[str, Any]) -> tuple[int, list[dict[str, float]], dict[str, float]]:
+    """Where a training stage starts: after the epochs of the matching checkpoint in `directory`
+    (see `load_checkpoint`), or from scratch.
+
+    The checkpoint holds, besides each of `stateful`'s state dicts under its key, ``"epoch"`` (the
+    epochs done), ``"history"`` (one row per epoch) and ``"best"`` (the best evaluation so far).
+
+    Args:
+        directory: the stage's output folder.
+        fingerprint: what the current run's result depends on.
+        what: the stage, named in the error and the log.
+        stateful: checkpoint key -> object with ``load_state_dict`` (model, optimizer), loaded in
+            place when a checkpoint is resumed.
+
+    Returns:
+        ``(start_epoch, history, best)``; from scratch ``(0, [], NO_BEST)`` (a copy).
+
+    Raises:
+        StageError: the file exists but cannot be read.
+    """
+    state = load_checkpoint(directory, fingerprint, what)
+    if state is None:
+        return 0, [], dict(NO_BEST)
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    start_epoch = int(state["epoch"])
+    logger.info("%s: resumed from %s after epoch %d", what, Path(directory) / CHECKPOINT_NAME, start_epoch)
+    return start_epoch, list(state["history"]), dict(state["best"])

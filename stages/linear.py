@@ -46,7 +46,7 @@ from tqdm import tqdm
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.device import resolve_device
-from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, resume, save_checkpoint  # noqa: F401 (CHECKPOINT_NAME: the stage's file name)
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -370,14 +370,8 @@ def run(params: Params) -> dict[str, float]:
     optimizer = torch.optim.SGD(classifier.parameters(), lr=float(lrs[0]), momentum=lin.momentum,
                                 weight_decay=lin.weight_decay)
     fingerprint = _fingerprint(params, source)
-    start_epoch, history = 0, []
-    best = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    state = load_checkpoint(params.paths.linear, fingerprint, what="linear")
-    if state is not None:
-        classifier.load_state_dict(state["classifier"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-        logger.info("resumed from %s after epoch %d", Path(params.paths.linear) / CHECKPOINT_NAME, start_epoch)
+    start_epoch, history, best = resume(params.paths.linear, fingerprint, "linear",
+                                        {"classifier": classifier, "optimizer": optimizer})
     model: nn.Module = classifier
     if info.initialized:
         from torch.nn.parallel import DistributedDataParallel

@@ -55,7 +55,7 @@ from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.device import resolve_device
 from stages.file_digest import file_sha256
-from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, resume, save_checkpoint  # noqa: F401 (CHECKPOINT_NAME: the stage's file name)
 from stages.params import Params, Transfer
 
 logger = logging.getLogger(__name__)
@@ -438,14 +438,8 @@ def run(params: Params) -> dict[str, float]:
     lrs = lr_schedule(cfg, steps_per_epoch)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=float(lrs[0]))
     fingerprint = _fingerprint(params, file_sha256(params.paths.teacher_backbone), data_fp)
-    start_epoch, history = 0, []
-    best: dict[str, float] = {"top1": -1.0, "top5": 0.0, "epoch": 0}
-    state = load_checkpoint(params.paths.transfer, fingerprint, what="transfer")
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-        logger.info("resumed from %s after epoch %d", Path(params.paths.transfer) / CHECKPOINT_NAME, start_epoch)
+    start_epoch, history, best = resume(params.paths.transfer, fingerprint, "transfer",
+                                        {"model": net, "optimizer": optimizer})
     model: nn.Module = net
     if info.initialized:
         from torch.nn.parallel import DistributedDataParallel

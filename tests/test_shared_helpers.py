@@ -98,3 +98,27 @@ def test_backbone_kwargs_and_load_teacher(tmp_path: Path) -> None:
     # build overrides reach build_backbone: stochastic depth linearly up to the rate, as transfer asks
     with_drop = load_teacher(params, drop_path_rate=0.2)
     assert [float(getattr(b.drop_path1, "drop_prob", 0.0)) for b in with_drop.blocks] == pytest.approx([0.0, 0.2])
+
+
+def test_resume_loads_every_state_dict_or_starts_from_scratch(tmp_path: Path) -> None:
+    from stages.fingerprinted_checkpoint import NO_BEST, resume
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # momentum buffers: optimizer state worth restoring
+    start, history, best = resume(tmp_path, {"a": 1}, "linear", {"classifier": layer, "optimizer": optimizer})
+    assert (start, history, best) == (0, [], NO_BEST) and best is not NO_BEST
+    rows = [{"epoch": 1, "loss": 0.5, "lr": 0.1, "top1": 40.0, "top5": 90.0}]
+    save_checkpoint(tmp_path, {"classifier": layer.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1,
+                               "history": rows, "best": {"top1": 40.0, "top5": 90.0, "epoch": 1},
+                               "fingerprint": {"a": 1}})
+    fresh = torch.nn.Linear(3, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    start, history, best = resume(tmp_path, {"a": 1}, "linear", {"classifier": fresh, "optimizer": fresh_opt})
+    assert (start, history, best) == (1, rows, {"top1": 40.0, "top5": 90.0, "epoch": 1})
+    assert torch.equal(fresh.weight, layer.weight) and torch.equal(fresh.bias, layer.bias)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["momentum_buffer"],
+                       optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert resume(tmp_path, {"a": 2}, "linear", {"classifier": fresh})[0] == 0  # other params: from scratch

@@ -13,6 +13,7 @@ import torch
 
 from stages import shard, transfer
 from stages.cli import StageError
+from stages.fingerprinted_checkpoint import load_checkpoint
 from stages.params import Params, Transfer, validate_params
 from tiny_config import save_random_teacher, tiny_params, write_params
 
@@ -237,8 +238,8 @@ def test_other_params_start_over(data_root: Path, straight: tuple[Params, dict],
         return transfer._fingerprint(params.model_copy(update={"transfer": cfg}), stored["backbone_sha256"],
                                      stored["data"])
 
-    assert transfer.load_checkpoint(params.paths.transfer, fingerprint(num_workers=3, device="auto")) is not None
-    assert transfer.load_checkpoint(params.paths.transfer, fingerprint(label_smoothing=0.2)) is None
+    assert load_checkpoint(params.paths.transfer, fingerprint(num_workers=3, device="auto")) is not None
+    assert load_checkpoint(params.paths.transfer, fingerprint(label_smoothing=0.2)) is None
     assert "starting from scratch" in caplog.text
 
 
