@@ -12,3 +12,15 @@ from tiny_config import tiny_params
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     return tiny_params(tmp_path)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (two cores are shared by parallel suites), restored
+    after it. Use in a module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

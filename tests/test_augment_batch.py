@@ -21,12 +21,7 @@ MEAN = torch.tensor((0.485, 0.456, 0.406)).reshape(1, 3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).reshape(1, 3, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
