@@ -24,6 +24,15 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/linear.smk"
+include: "workflow/rules/fewshot.smk"
+include: "workflow/rules/attention.smk"
+include: "workflow/rules/tsne.smk"
+include: "workflow/rules/retrieval.smk"
+include: "workflow/rules/copydetect.smk"
+include: "workflow/rules/davis.smk"
+include: "workflow/rules/transfer.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -32,6 +41,15 @@ rule all:
         shard=f"{config['paths']['metrics']}/shard.json",
         pretrain=f"{config['paths']['metrics']}/pretrain.json",
         knn=f"{config['paths']['metrics']}/knn.json",
+        linear=f"{config['paths']['metrics']}/linear.json",
+        fewshot=f"{config['paths']['metrics']}/fewshot.json",
+        attention=f"{config['paths']['metrics']}/attention.json",
+        tsne=f"{config['paths']['metrics']}/tsne.json",
+        retrieval=f"{config['paths']['metrics']}/retrieval.json",
+        copydetect=f"{config['paths']['metrics']}/copydetect.json",
+        davis=f"{config['paths']['metrics']}/davis.json",
+        transfer=f"{config['paths']['metrics']}/transfer.json",
+        report=config["paths"]["report"],
 
 
 onsuccess:

@@ -48,6 +48,31 @@ TINY = {
 }
 
 
+#: Output folders of the evaluation stages outside `paths:` (section -> {key: path under root}).
+OUTPUT_FOLDERS = {
+    "retrieval": {"fixture": "data/fixtures/revisitop"},
+    "copydetect": {"fixture": "data/fixtures/copydays"},
+    "davis": {"fixture": "data/fixtures/davis", "results": "results/davis"},
+}
+
+#: Sizes of the evaluation stages for a run of the whole DAG on the tiny config (each stage a few
+#: seconds on 2 CPU cores): pass as `tiny_params(root, **TINY_EVALUATIONS)`.
+TINY_EVALUATIONS = {
+    "knn": {"k": [5, 10], "baselines": False},
+    "linear": {"mode": "features", "epochs": 5, "batch_size": 64, "lr": 0.1, "num_workers": 0, "device": "cpu"},
+    "fewshot": {"fractions": [0.1], "max_iter": 100},
+    "attention": {"image_size": 32, "baselines": False, "device": "cpu"},
+    "tsne": {"max_iter": 250},
+    "retrieval": {"imsize": 32, "num_workers": 0, "device": "cpu"},
+    "copydetect": {"imsize": 32, "batch_size": 64, "num_workers": 0, "device": "cpu"},
+    "davis": {"short_side": 32, "long_side_multiple": 16, "n_last_frames": 2, "size_mask_neighborhood": 4,
+              "device": "cpu"},
+    "transfer": {"epochs": 1, "warmup_epochs": 0, "batch_size": 64, "crop_size": 16, "resize": 16,
+                 "num_workers": 0, "device": "cpu"},
+    "report": {"title": "DINO on the tiny test configuration"},  # DVC tracks the section: it must be written
+}
+
+
 def tiny_params(root: Path, **overrides: dict) -> dict:
     """The tiny params with every path under `root`; `overrides` maps section -> {key: value}."""
     params = copy.deepcopy(TINY)
@@ -59,7 +84,15 @@ def tiny_params(root: Path, **overrides: dict) -> dict:
         "metrics": str(root / "metrics"),
         "plots": str(root / "plots"),
         "dvclive": str(root / "dvclive"),
+        "logs": str(root / "logs"),
+        "linear": str(root / "models/linear"),
+        "fewshot_subsets": str(root / "metrics/fewshot_subsets.json"),
+        "transfer": str(root / "models/transfer"),
+        "report": str(root / "report"),
     }
+    # the evaluation stages' own output folders (fixtures regenerated when their root is null)
+    for section, keys in OUTPUT_FOLDERS.items():
+        params.setdefault(section, {}).update({key: str(root / rel) for key, rel in keys.items()})
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     return params
