@@ -149,7 +149,10 @@ def _inputs(rule: dict) -> set[str]:
 def test_same_names(both) -> None:
     stages, rules, _ = both
     assert set(stages) == set(_stage_rules(rules))
-    assert set(stages) >= {"shard", "pretrain", "extract", "knn"}
+    assert set(stages) == {
+        "shard", "pretrain", "extract", "knn", "linear", "fewshot", "attention", "tsne", "retrieval",
+        "copydetect", "davis", "transfer", "report",
+    }
 
 
 def test_same_commands(both) -> None:
@@ -193,42 +196,88 @@ def test_same_params_sections(both) -> None:
         assert "resources" not in stage.params and "paths" not in stage.params
 
 
+def _string_values(section: dict) -> set[str]:
+    return {v for v in section.values() if isinstance(v, str)}
+
+
 def test_paths_come_from_params(both) -> None:
-    """Every data path of the DAG is a `paths:` entry (or a metrics file under paths.metrics)."""
+    """Every data path of the DAG is a `paths:` entry, an entry of a params section the stage
+    reads (e.g. davis.results), or another stage's metrics file under paths.metrics; every stage
+    writes its metrics to <paths.metrics>/<stage>.json and its plots under paths.plots (the
+    evaluations) or paths.dvclive (the training curves)."""
     stages, rules, config = both
     paths = config["paths"]
-    declared = set(paths.values())
+    metrics_files = {f"{paths['metrics']}/{name}.json" for name in stages}
     for name, stage in stages.items():
+        declared = set(paths.values()).union(*(_string_values(config[s]) for s in stage.params))
         data = {p for p in stage.deps if not p.startswith("stages/")} | stage.outs | stage.persist
-        assert data <= declared, (name, data - declared)
+        undeclared = data - declared - metrics_files
+        assert not undeclared, (name, undeclared)
+        assert f"{paths['metrics']}/{name}.json" not in stage.deps, name
         assert stage.metrics == {f"{paths['metrics']}/{name}.json"} or not stage.metrics
         for plot in stage.plots:
-            assert plot.startswith(paths["dvclive"] + "/")
+            assert plot.startswith((paths["dvclive"] + "/", paths["plots"] + "/")), (name, plot)
         assert rules[name]["log"] == [f"{paths['logs']}/{name}.log"]
     assert stages["pretrain"].persist == {paths["checkpoints"]}
     assert stages["pretrain"].outs == {paths["teacher_backbone"]}
+    assert stages["linear"].persist == {paths["linear"]}
+    assert stages["transfer"].persist == {paths["transfer"]}
+    assert stages["davis"].outs == {config["davis"]["results"]}
+    assert stages["report"].outs == {paths["report"]}
 
 
 def test_directories_are_directory_outputs(both) -> None:
+    """The folders of the DAG are Snakemake directory() outputs, its files are not."""
     stages, rules, config = both
     paths = config["paths"]
+    folders = {
+        paths["shards"], paths["features"], paths["checkpoints"], paths["linear"], paths["transfer"],
+        paths["report"], f"{paths['plots']}/attention", config["davis"]["results"],
+    }
+    outputs = set()
     for name, rule in _stage_rules(rules).items():
         for out in rule["output"]:
-            is_dir = out in {paths["shards"], paths["features"], paths["checkpoints"]}
+            is_dir = out in folders
             assert (out in rule["directory_outputs"]) == is_dir, (name, out)
+            assert is_dir == (Path(out).suffix == ""), (name, out)  # files: .json, .pth, .png, .csv
+        outputs |= set(rule["output"])
+    assert folders - outputs == {paths["checkpoints"], paths["linear"], paths["transfer"]}  # persisted
 
 
 def test_rule_all_collects_every_metrics_file(both) -> None:
-    stages, rules, _ = both
+    """Rule all asks for every metrics file and the report (the one stage without metrics), so
+    that `snakemake all` runs what `dvc repro` runs."""
+    stages, rules, config = both
     metrics = set().union(*(stage.metrics for stage in stages.values()))
-    assert _inputs(rules["all"]) == metrics
+    assert _inputs(rules["all"]) == metrics | {config["paths"]["report"]}
+    # every stage is reached from `all`: through its metrics, its outputs, or a stage reading them
+    wanted = _inputs(rules["all"])
+    read = set().union(*(stage.deps for stage in stages.values()))
+    for name, stage in stages.items():
+        produced = stage.metrics | stage.outs | set(stage.plots)
+        assert produced & (wanted | read), name
 
 
-def test_plots_are_dvclive_curves(both) -> None:
+def test_plots_are_dvclive_curves_and_evaluation_figures(both) -> None:
+    """pretrain's training curves (dvclive, persisted across a resume) and the evaluations'
+    figures and tables under paths.plots, each drawn by `dvc plots show`."""
     stages, _, config = both
+    plots_dir = config["paths"]["plots"]
     assert stages["pretrain"].plots == {
         f"{config['paths']['dvclive']}/plots/metrics": {"persist": True, "x": "step"}
     }
+    assert stages["attention"].plots == {f"{plots_dir}/attention": {"persist": False}}
+    assert stages["tsne"].plots == {
+        f"{plots_dir}/tsne.png": {"persist": False},
+        f"{plots_dir}/tsne.csv": {"persist": False, "x": "x", "y": "y", "template": "scatter"},
+    }
+    assert stages["davis"].plots == {
+        f"{plots_dir}/davis_per_sequence.csv": {
+            "persist": False, "x": "J&F-Mean", "y": "name", "template": "bar_horizontal"
+        }
+    }
+    others = {name for name, stage in stages.items() if stage.plots} - {"pretrain", "attention", "tsne", "davis"}
+    assert not others, others
 
 
 def _imports(module_file: Path) -> set[str]:
@@ -253,9 +302,23 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def stage_module_file(stage: str) -> Path | None:
+    """What `python -m stages.<stage>` runs: stages/<stage>.py or stages/<stage>/__main__.py."""
+    module = REPO / "stages" / f"{stage}.py"
+    if module.is_file():
+        return module
+    main = REPO / "stages" / stage / "__main__.py"
+    return main if main.is_file() else None
+
+
 def code_closure(stage: str) -> set[str]:
-    """Repo-relative files of every stages.* module the stage imports, transitively."""
+    """Repo-relative files of every stages.* module the stage runs or imports, transitively (a
+    package's __init__.py and, for `python -m`, its __main__.py)."""
     todo, seen = [f"stages.{stage}"], set()
+    main = stage_module_file(stage)
+    if main is not None:
+        seen.add(main)
+        todo.extend(_imports(main))
     while todo:
         path = _module_file(todo.pop())
         if path is None or path in seen:
@@ -272,7 +335,9 @@ def test_code_deps_cover_every_imported_module() -> None:
     for name, stage in stages.items():
         code = {d for d in stage.deps if d.startswith("stages/")}
         needed = code_closure(name) - INFRASTRUCTURE
-        assert f"stages/{name}.py" in needed, f"no module stages/{name}.py"
+        main = stage_module_file(name)
+        assert main is not None, f"no module stages/{name}.py nor stages/{name}/__main__.py"
+        assert str(main.relative_to(REPO)) in needed
         uncovered = {f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in code)}
         assert not uncovered, f"{name}: code it imports is not a dep: {sorted(uncovered)}"
         for dep in code:

@@ -185,6 +185,50 @@ PAPER_DEFAULTS = [
     ("extract", "pooling", "cls"),
     ("knn", "temperature", 0.07),
     ("knn", "k", (10, 20, 100, 200)),
+    # eval_linear.py: SGD lr 0.001 at batch 256 (128 per GPU x 8 GPUs), 100 epochs, CLS of 4 blocks
+    ("linear", "mode", "full"),
+    ("linear", "lr", 0.001),
+    ("linear", "batch_size", 1024),
+    ("linear", "epochs", 100),
+    ("linear", "momentum", 0.9),
+    ("linear", "weight_decay", 0.0),
+    ("linear", "n_last_blocks", 4),
+    ("linear", "avgpool_patchtokens", False),
+    ("linear", "train_crop_size", 224),
+    ("linear", "resize", 256),
+    ("linear", "crop_size", 224),
+    # Table 12: 1% and 10% of the labels
+    ("fewshot", "fractions", (0.01, 0.1)),
+    # visualize_attention.py and Fig. 4: 480x480 images, masks keeping 60% of the attention mass
+    ("attention", "image_size", 480),
+    ("attention", "threshold", 0.6),
+    # Appendix H: PCA to 30 dimensions, perplexity 20
+    ("tsne", "pca_dim", 30),
+    ("tsne", "perplexity", 20.0),
+    # eval_image_retrieval.py / eval_copy_detection.py
+    ("retrieval", "imsize", 224),
+    ("retrieval", "multiscale", False),
+    ("retrieval", "kappas", (1, 5, 10)),
+    ("copydetect", "imsize", 320),
+    ("copydetect", "topk", 20),
+    # eval_video_segmentation.py: 7 context frames, +-12 patch window, top-5, exp(cos / 0.1), 480p
+    ("davis", "n_last_frames", 7),
+    ("davis", "size_mask_neighborhood", 12),
+    ("davis", "topk", 5),
+    ("davis", "temperature", 0.1),
+    ("davis", "short_side", 480),
+    # DeiT's fine-tuning recipe (Table 6), the CIFAR schedule the authors gave (1000 epochs, batch 768)
+    ("transfer", "epochs", 1000),
+    ("transfer", "batch_size", 768),
+    ("transfer", "lr", 0.0005),
+    ("transfer", "min_lr", 1e-5),
+    ("transfer", "warmup_epochs", 5),
+    ("transfer", "weight_decay", 0.05),
+    ("transfer", "label_smoothing", 0.1),
+    ("transfer", "mixup", 0.8),
+    ("transfer", "cutmix", 1.0),
+    ("transfer", "randaugment_ops", 2),
+    ("transfer", "randaugment_magnitude", 9),
 ]
 
 

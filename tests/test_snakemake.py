@@ -1,7 +1,7 @@
-"""End to end under Snakemake, on the same tiny config as tests/test_dvc.py: the local profile
-gives the same outputs and metrics as `dvc repro`, and records them in DVC (onsuccess) so that
-`dvc status` is clean; the slurm profile plans every rule; `make install-slurm-profile` never
-overwrites a user's profile."""
+"""End to end under Snakemake, on the same tiny config as tests/test_dvc.py and its core stages
+(target `knn`): the local profile gives the same outputs and metrics as `dvc repro`, and records
+them in DVC (onsuccess) so that `dvc status` is clean; the slurm profile plans every rule of
+`all`; `make install-slurm-profile` never overwrites a user's profile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_dvc import REPO, STAGES, e2e_params, make_repo, ran, sh, skipped
+from test_dvc import ALL_STAGES, REPO, STAGES, TARGET, e2e_params, make_repo, ran, sh, skipped
 
 # Keys of pretrain.json that measure the machine, not the result.
 TIMING_WORDS = ("second", "time", "duration", "elapsed", "throughput")
@@ -23,7 +23,7 @@ TIMING_WORDS = ("second", "time", "duration", "elapsed", "throughput")
 @pytest.fixture(scope="module")
 def snake_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_repo(tmp_path_factory.mktemp("snake") / "repo", e2e_params())
-    result = sh(root, "snakemake", "--profile", "workflow/profiles/local", "--cores", "2", "all")
+    result = sh(root, "snakemake", "--profile", "workflow/profiles/local", "--cores", "2", TARGET)
     assert "recorded in DVC" in result.stdout + result.stderr, result.stderr[-3000:]
     return root
 
@@ -31,7 +31,7 @@ def snake_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = make_repo(tmp_path_factory.mktemp("snake-vs-dvc") / "repo", e2e_params())
-    sh(root, "dvc", "repro")
+    sh(root, "dvc", "repro", TARGET)
     return root
 
 
@@ -48,10 +48,10 @@ def test_snakemake_writes_every_output_and_log(snake_repo: Path) -> None:
 @pytest.mark.e2e
 def test_onsuccess_records_outputs_in_dvc(snake_repo: Path) -> None:
     """After Snakemake, DVC agrees that everything is up to date: nothing to reproduce."""
-    assert json.loads(sh(snake_repo, "dvc", "status", "--json").stdout) == {}
-    again = sh(snake_repo, "dvc", "repro")
+    assert json.loads(sh(snake_repo, "dvc", "status", "--with-deps", "--json", TARGET).stdout) == {}
+    again = sh(snake_repo, "dvc", "repro", TARGET)
     assert ran(again.stdout) == set() and skipped(again.stdout) == set(STAGES), again.stdout
-    nothing = sh(snake_repo, "snakemake", "--profile", "workflow/profiles/local", "-n", "all")
+    nothing = sh(snake_repo, "snakemake", "--profile", "workflow/profiles/local", "-n", TARGET)
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
 
 
@@ -101,7 +101,7 @@ def test_slurm_profile_plans_every_rule(tmp_path: Path) -> None:
     result = sh(root, "snakemake", "--profile", "workflow/profiles/slurm", "-n", "all")
     out = result.stdout + result.stderr
     stats = out[out.index("Job stats:"):]
-    for rule in [*STAGES, "all"]:
+    for rule in [*ALL_STAGES, "all"]:
         assert any(line.split()[:2] == [rule, "1"] for line in stats.splitlines()), rule
     assert "slurm_partition=gpu" in out and "gres=gpu:1" in out  # pretrain / extract
     assert "slurm_partition=cpu" in out and "slurm_account=your_account" in out  # profile defaults
