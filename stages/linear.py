@@ -43,9 +43,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages.accuracy import topk_correct
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.device import resolve_device
+from stages.epoch_order import epoch_indices
 from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, resume, save_checkpoint  # noqa: F401 (CHECKPOINT_NAME: the stage's file name)
 from stages.params import Params
 
@@ -86,28 +88,6 @@ def cosine_lr(base_lr: float, epochs: int) -> np.ndarray:
     """
     epoch = np.arange(epochs, dtype=np.float64)
     return base_lr * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs))
-
-
-def epoch_indices(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """This rank's sample indices for one epoch, as the reference's DistributedSampler(shuffle=True)
-    lays them out: a permutation drawn from ``(seed, epoch)``, padded by wrapping around to a
-    multiple of `world_size`, then strided (rank r takes positions r, r + world_size, ...).
-
-    Returns:
-        int64 array of ceil(num_samples / world_size) indices (every rank the same count).
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    total = math.ceil(num_samples / world_size) * world_size
-    if total > num_samples:
-        order = np.concatenate([order, order[: total - num_samples]])
-    return order[rank::world_size].astype(np.int64)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(top-1 hits, top-min(5, C) hits) of one batch: logits (B, C), labels (B,)."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, m)
-    hits = top == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
 
 
 @torch.no_grad()

@@ -51,9 +51,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from stages.accuracy import topk_correct
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
 from stages.device import resolve_device
+from stages.epoch_order import epoch_indices
 from stages.file_digest import file_sha256
 from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, resume, save_checkpoint  # noqa: F401 (CHECKPOINT_NAME: the stage's file name)
 from stages.params import Params, Transfer
@@ -206,27 +208,6 @@ def train_transform(cfg: Transfer) -> Callable[[Any], torch.Tensor]:
         steps.append(transforms.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude))
     pipeline = transforms.Compose([*steps, normalize()])
     return lambda image: pipeline(to_rgb(image))
-
-
-def epoch_indices(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """This rank's sample order for one epoch: a permutation drawn from ``(seed, epoch)``, padded by
-    wrapping to a multiple of `world_size`, strided over the ranks (DistributedSampler's layout).
-
-    Returns:
-        int64 array of ceil(num_samples / world_size) indices.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    total = math.ceil(num_samples / world_size) * world_size
-    if total > num_samples:
-        order = np.concatenate([order, order[: total - num_samples]])
-    return order[rank::world_size].astype(np.int64)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(top-1 hits, top-min(5, C) hits) of one batch: logits (B, C), labels (B,)."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
 
 
 # ------------------------------------------------------------------------------------------------
