@@ -6,14 +6,22 @@ import torch
 from torch import nn
 
 
+def paired_parameters(teacher: nn.Module, student: nn.Module) -> tuple[list, list]:
+    """The teacher's parameters and the student's of the same names (the student may have more:
+    the predictor of the Table 7 ablation has no teacher counterpart)."""
+    student_params = dict(student.named_parameters())
+    pairs = [(t, student_params.get(name)) for name, t in teacher.named_parameters()]
+    missing = [name for (name, _), (_, s) in zip(teacher.named_parameters(), pairs) if s is None]
+    if missing:
+        raise ValueError(f"the student has no parameters named {missing[:5]}")
+    return [t for t, _ in pairs], [s.detach() for _, s in pairs]
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θt ← λ θt + (1 − λ) θs for every parameter, with foreach kernels (no Python loop of
-    small kernels). Buffers (BatchNorm statistics) are the teacher's own, as in the reference."""
-    teacher_params = [p for p in teacher.parameters()]
-    student_params = [p.detach() for p in student.parameters()]
-    if len(teacher_params) != len(student_params):
-        raise ValueError("teacher and student have different parameter lists")
+    """θt ← λ θt + (1 − λ) θs for every teacher parameter, with foreach kernels (no Python loop
+    of small kernels). Buffers (BatchNorm statistics) are the teacher's own, as in the reference."""
+    teacher_params, student_params = paired_parameters(teacher, student)
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
@@ -21,5 +29,5 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 @torch.no_grad()
 def copy_weights(teacher: nn.Module, student: nn.Module) -> None:
     """Teacher = student (the 'student copy' and 'previous epoch' teachers of Table 7)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.copy_(s.detach())
+    teacher_params, student_params = paired_parameters(teacher, student)
+    torch._foreach_copy_(teacher_params, student_params)
