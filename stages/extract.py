@@ -295,13 +295,27 @@ class ShardImages(IterableDataset):
                 if index % self.world_size == self.rank and (index // self.world_size) % workers == worker:
                     yield index, sample
 
+    def _shard_path(self, index: int) -> Path:
+        """The tar holding the split's sample number `index` (for error messages)."""
+        from stages.shard_format import read_manifest
+
+        for entry in read_manifest(self.shard_dir)["splits"][self.split]["shards"]:
+            if index < entry["count"]:
+                return self.shard_dir / entry["name"]
+            index -= entry["count"]
+        return self.shard_dir
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int, str]]:
-        from stages.shard_format import decode_image
+        from stages.shard_format import ShardError, decode_image
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index, sample in self._indexed_samples(worker, workers):
-            yield self.transform(decode_image(sample)), int(sample.label), index, sample.key
+            try:
+                image = decode_image(sample)
+            except ShardError as exc:
+                raise ShardError(f"{self._shard_path(index)}: {exc}") from None
+            yield self.transform(image), int(sample.label), index, sample.key
 
 
 def split_size(shard_dir: str | Path, split: str) -> int:

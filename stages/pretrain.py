@@ -45,7 +45,15 @@ from stages.dino.optim import (
 )
 from stages.dino.schedules import cosine_scheduler
 from stages.dino.teacher import copy_weights, ema_update
-from stages.dino.training_state import all_rng_states, load_latest, params_mismatch, save_checkpoint, set_rng_state
+from stages.dino.training_state import (
+    PREVIOUS,
+    all_rng_states,
+    load_latest,
+    params_mismatch,
+    save_checkpoint,
+    set_aside_unreadable,
+    set_rng_state,
+)
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -219,6 +227,8 @@ class Trainer:
         if found is None:
             return False
         state, path = found
+        if path.name == PREVIOUS and self.dist.is_main:
+            set_aside_unreadable(self.checkpoint_dir)
         changed = params_mismatch(state.get("params", {}), self.params.model_dump(mode="json"))
         if changed:
             logger.warning("%s was trained with other params (%s): starting from scratch", path, ", ".join(changed))

@@ -37,17 +37,23 @@ class Entry:
 
 
 def index_shards(shard_dir: str | Path, split: str, verify: bool = True) -> tuple[list[Path], list[Entry]]:
-    """Index every sample of a split; labels come from the .cls members."""
+    """Index every sample of a split; labels come from the .cls members. Each shard must hold
+    whole samples, as many as the manifest says."""
     paths = shard_paths(shard_dir, split, verify=verify)
-    num_classes = len(read_manifest(shard_dir)["classes"])
+    manifest = read_manifest(shard_dir)
+    num_classes = len(manifest["classes"])
+    counts = {entry["name"]: entry["count"] for entry in manifest["splits"][split]["shards"]}
     entries: list[Entry] = []
     for shard_number, path in enumerate(paths):
         images: dict[str, tarfile.TarInfo] = {}
         labels: dict[str, int] = {}
+        size, key = path.stat().st_size, None
         try:
             with tarfile.open(path) as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
+                    if member.offset_data + member.size > size:
+                        raise ShardError(f"{path}: sample {key!r} is truncated")
                     if ext in IMAGE_EXTS:
                         images[key] = member
                     elif ext == "cls":
@@ -56,11 +62,15 @@ def index_shards(shard_dir: str | Path, split: str, verify: bool = True) -> tupl
                             raise ShardError(f"{path}: sample {key!r}: class {text!r} is not in 0..{num_classes - 1}")
                         labels[key] = int(text)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise ShardError(f"{path}: unreadable shard ({exc})") from exc
+            where = f" after sample {key!r}" if key else ""
+            raise ShardError(f"{path}: unreadable shard{where} ({exc})") from exc
         for key, member in images.items():
             if key not in labels:
                 raise ShardError(f"{path}: sample {key!r} has no .cls label")
             entries.append(Entry(shard_number, member.offset_data, member.size, labels[key], key))
+        expected = counts.get(path.name)
+        if expected is not None and len(images) != expected:
+            raise ShardError(f"{path}: holds {len(images)} samples, the manifest says {expected}")
     if not entries:
         raise ShardError(f"{shard_dir}: split {split!r} has no samples")
     return paths, entries

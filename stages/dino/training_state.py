@@ -90,6 +90,15 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu")
     return None
 
 
+def set_aside_unreadable(directory: str | Path) -> None:
+    """After resuming from the previous checkpoint, move the unreadable latest out of the way
+    (kept as checkpoint.pth.unreadable for inspection), so that the next save does not rotate it
+    into the previous slot and the run stays two checkpoints deep."""
+    latest = Path(directory) / LATEST
+    if latest.exists():
+        os.replace(latest, latest.with_name(LATEST + ".unreadable"))
+
+
 def params_mismatch(saved: dict, current: dict) -> list[str]:
     """Dotted keys of the model/pretrain/dataset sections that differ, ignoring run-only keys."""
     differences = []

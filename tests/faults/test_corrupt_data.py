@@ -115,12 +115,7 @@ def run_main(main: Callable[[list[str]], int], params_file: Path, caplog) -> tup
     return code, "\n".join(failures)
 
 
-PRETRAIN_XFAIL = {
-    "truncated_vouched": "pretrain's shard index (stages/dino/data.py index_shards) opens the tar for "
-                         "random access and reports 'unreadable shard' without the sample it ends in",
-    "empty_tar": "pretrain's shard index does not compare each shard's sample count with the manifest: "
-                 "a shard emptied (manifest vouching for it) trains silently on the other shards",
-}
+PRETRAIN_XFAIL: dict[str, str] = {}
 
 
 def xfail_cases(known: dict[str, str]) -> list:
@@ -137,10 +132,7 @@ def test_pretrain_refuses_damaged_shards(tmp_path: Path, fault_shards: Path, cas
     assert not Path(params["paths"]["teacher_backbone"]).exists()
 
 
-EXTRACT_XFAIL = {
-    "undecodable": "extract's decode error names the sample but not its shard (stages/extract.py "
-                   "ShardImages.__iter__ calls decode_image without the shard path)",
-}
+EXTRACT_XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", xfail_cases(EXTRACT_XFAIL))

@@ -68,9 +68,6 @@ def test_truncated_latest_and_stray_temp_resume_from_previous(resumed_after_trun
     assert_same_teacher(root, reference_teacher)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "save_checkpoint rotates the unreadable checkpoint.pth into checkpoint.prev.pth after a "
-    "fallback resume, so the run is one checkpoint deep until the next save (training_state.py)"))
 def test_after_a_fallback_resume_the_previous_checkpoint_is_valid_again(resumed_after_truncation) -> None:
     root, _, _ = resumed_after_truncation
     state = torch.load(root / "checkpoints" / PREVIOUS, weights_only=False)
