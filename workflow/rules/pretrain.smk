@@ -14,6 +14,7 @@ rule pretrain:
             "stages/distributed.py",
             "stages/preemption.py",
             "stages/shard_format.py",
+            "stages/file_digest.py",
         ],
         shards=config["paths"]["shards"],
     output:

@@ -15,6 +15,8 @@ rule retrieval:
             "stages/distributed.py",
             "stages/shard_format.py",
             "stages/fixtures",
+            "stages/device.py",
+            "stages/file_digest.py",
         ],
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
