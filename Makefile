@@ -62,11 +62,11 @@ demo: dvc-repo
 	  fi; \
 	  if ! have $(FMNIST_LOCAL); then \
 	    echo "make: Fashion-MNIST is not available: neither $(FMNIST_SYSTEM) (apt-get install $(FMNIST_PACKAGE)) nor $(FMNIST_LOCAL) (apt-get download) worked." >&2; \
-	    echo "make: offline fallback: set dataset.source: digits (scikit-learn's bundled digits) in params.yaml, then run make demo again." >&2; \
+	    echo "make: offline fallback: set dataset.source: digits (scikit-learn's bundled digits) and transfer.dataset: null (fine-tune on the shards) in params.yaml, then run make demo again." >&2; \
 	    exit 1; \
 	  fi; \
-	  echo "make: using $(FMNIST_LOCAL): running the demo as an experiment with dataset.root set there (params.yaml is changed accordingly)"; \
-	  dvc exp run -S dataset.root=$(FMNIST_LOCAL); \
+	  echo "make: using $(FMNIST_LOCAL): running the demo as an experiment with dataset.root and transfer.dataset.root set there (params.yaml is changed accordingly)"; \
+	  dvc exp run -S dataset.root=$(FMNIST_LOCAL) -S transfer.dataset.root=$(FMNIST_LOCAL); \
 	fi
 	dvc metrics show
 
