@@ -22,7 +22,7 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 
 SLURM_PROFILE_DIR := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake/slurm
 
-.PHONY: help venv demo test test-fast workflow dvc-repo dvc-commit install-slurm-profile
+.PHONY: help venv demo test test-fast system-fashion-mnist workflow dvc-repo dvc-commit install-slurm-profile
 
 help:
 	@sed -n 's/^# \{0,1\}//;1,4p' Makefile
@@ -71,7 +71,16 @@ demo: dvc-repo
 	dvc metrics show
 
 test: $(STAMP)
+	@$(MAKE) --no-print-directory system-fashion-mnist || echo "make: Fashion-MNIST not installed; its tests will be skipped"
 	$(BIN)/python -m pytest -q
+
+# The Debian package of Fashion-MNIST when missing and we are root (the real-data tests use it).
+system-fashion-mnist:
+	@have() { for f in $(FMNIST_FILES); do test -f "$$1/$$f" || return 1; done; }; \
+	if ! have $(FMNIST_SYSTEM) && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: $(FMNIST_SYSTEM) missing; installing $(FMNIST_PACKAGE)"; \
+	  apt-get install -y $(FMNIST_PACKAGE) || { apt-get update && apt-get install -y $(FMNIST_PACKAGE); }; \
+	fi; have $(FMNIST_SYSTEM)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not slurm"
