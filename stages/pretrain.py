@@ -84,7 +84,9 @@ def build_models(params: Params) -> tuple[MultiCropModel, MultiCropModel]:
     predictor = build_predictor(p.out_dim) if p.predictor else None
     student = MultiCropModel(student_backbone, head(), predictor)
     teacher = MultiCropModel(build_backbone_from_params(params.model, drop_path_rate=0.0), head())
-    teacher.load_state_dict(student.state_dict(), strict=False)  # all but the predictor
+    missing, unexpected = teacher.load_state_dict(student.state_dict(), strict=False)
+    if missing or any(not key.startswith("predictor.") for key in unexpected):  # only the predictor differs
+        raise RuntimeError(f"teacher and student differ: missing {missing}, unexpected {unexpected}")
     for param in teacher.parameters():
         param.requires_grad = False
     return student, teacher
