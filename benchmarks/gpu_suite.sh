@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The prepared device run (one call of the device tool): CUDA checks, then every GPU benchmark,
 # each under its own time limit, one JSON line each into $OUT/bench.jsonl (failures recorded too).
-#   device run: bash benchmarks/gpu_suite.sh   (carry: .whl — pydantic, timm, faiss wheels)
+#   device run: bash benchmarks/gpu_suite.sh   (carry: .whl)
+# The device image has torch but not pydantic, timm 1.0.31 or faiss: download their Python 3.12
+# wheels here first (git-ignored via .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     faiss-cpu==1.15.1 timm==1.0.31
 set -u
 OUT=${OUT:-/tmp/dino-bench}
 mkdir -p "$OUT"
