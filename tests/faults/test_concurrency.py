@@ -126,7 +126,9 @@ def test_nonfinite_loss_under_dvc_repro_fails_and_records_nothing(dvc_runs) -> N
 
 
 def test_second_snakemake_is_refused_by_the_directory_lock(tmp_path: Path) -> None:
-    root = make_repo(tmp_path / "repo", fault_params(Path("."), epochs=1))  # 4 steps
+    # 40 epochs of 4 steps: long enough that the first run is still training (holding the lock)
+    # when the second snakemake has started, also on a loaded machine.
+    root = make_repo(tmp_path / "repo", fault_params(Path("."), epochs=40))
     command = ("snakemake", "--profile", "workflow/profiles/local", "--cores", "1", "models/teacher_backbone.pth")
     first = Background(root, *command)
     try:
@@ -141,7 +143,7 @@ def test_second_snakemake_is_refused_by_the_directory_lock(tmp_path: Path) -> No
     assert second.returncode != 0, second.stdout + second.stderr
     assert "Directory cannot be locked" in second.stdout + second.stderr
     assert code == 0, first.output[-3000:]
-    assert torch.load(root / "models/teacher_backbone.pth", weights_only=False)["global_step"] == 4
+    assert torch.load(root / "models/teacher_backbone.pth", weights_only=False)["global_step"] == 160
     assert len(shard_paths(root / "data/shards/digits", "train", verify=True)) == 2
     nothing = sh(root, *command, "-n")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr
