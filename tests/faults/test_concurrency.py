@@ -24,7 +24,10 @@ from test_dvc import make_repo, sh, tool_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
-NONFINITE_STEP = 7  # epoch 1; the checkpoint of step 6 is the last good one
+# Late enough that the first `dvc repro` is still training when the second one has started, also
+# on an idle machine (4 steps an epoch); the checkpoint of the step before is the last good one.
+NONFINITE_STEP = 151
+NONFINITE_EPOCH = NONFINITE_STEP // 4
 
 
 class Background:
@@ -81,7 +84,7 @@ def snakemake_locked(root: Path) -> bool:
 def dvc_runs(tmp_path_factory) -> tuple[Path, Background, subprocess.CompletedProcess]:
     """A first `dvc repro` (its pretrain meets a non-finite loss) and a second started while
     the first trains; returns (repo, first, second)."""
-    params = fault_params(Path("."), inject_nonfinite_at_step=NONFINITE_STEP)
+    params = fault_params(Path("."), epochs=40, inject_nonfinite_at_step=NONFINITE_STEP)
     root = make_repo(tmp_path_factory.mktemp("dvc-twice") / "repo", params)
     first = Background(root, "dvc", "repro")
     try:
@@ -116,7 +119,7 @@ def test_nonfinite_loss_under_dvc_repro_fails_and_records_nothing(dvc_runs) -> N
     root, first, _ = dvc_runs
     assert first.proc.returncode != 0, first.output
     checkpoint = root / "checkpoints" / LATEST
-    assert f"non-finite loss (nan) at step {NONFINITE_STEP} (epoch 1)" in first.output
+    assert f"non-finite loss (nan) at step {NONFINITE_STEP} (epoch {NONFINITE_EPOCH})" in first.output
     assert f"last good checkpoint: {Path('checkpoints') / LATEST}" in first.output
     assert "failed to reproduce 'pretrain'" in first.output
     assert torch.load(checkpoint, weights_only=False)["global_step"] == NONFINITE_STEP - 1
