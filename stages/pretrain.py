@@ -12,9 +12,12 @@ SIGUSR1 finishes the step, checkpoints, and exits (or requeues the SLURM job).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from tqdm import tqdm
 from stages import preemption
 from stages.atomic import torch_save, write_json
 from stages.cli import StageError, run_stage
-from stages.distributed import DistInfo, init_distributed
+from stages.distributed import DistInfo, detect_launcher, init_distributed
 from stages.dino.augment import MultiCrop
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
@@ -54,7 +57,7 @@ from stages.dino.training_state import (
     set_aside_unreadable,
     set_rng_state,
 )
-from stages.params import Params
+from stages.params import Params, ParamsError, load_params
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ class Trainer:
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
         crop_args = dict(global_size=p.global_crops_size, local_size=p.local_crops_size,
-                         global_crops_number=p.global_crops_number)
+                         global_crops_number=p.global_crops_number, blur_radius=p.blur_radius)
         if p.augment == "batch":
             # Workers only decode; the crops are made per batch on the training device.
             from stages.dino.augment_batch import BatchMultiCrop
@@ -382,6 +385,7 @@ class Trainer:
             "epochs": p.epochs,
             "steps": self.progress.global_step,
             "images_per_second": trained * images_per_step / seconds if trained else 0.0,
+            "processes": self.dist.world_size,
             **{k: v for k, v in self.last_stats.items()},
         }
 
@@ -457,7 +461,31 @@ def run(params: Params) -> dict:
     return metrics
 
 
+def processes_to_start(argv: list[str]) -> int:
+    """How many CPU processes main() starts with torchrun: `pretrain.cpu_processes`, or 1 (run
+    here) when a launcher already started this one, a GPU is used, or the params are invalid
+    (run_stage then refuses them with its own message)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default="params.yaml")
+    try:
+        p = load_params(parser.parse_known_args(argv)[0].params).pretrain
+    except ParamsError:
+        return 1
+    on_cpu = p.device == "cpu" or (p.device == "auto" and not torch.cuda.is_available())
+    return p.cpu_processes if on_cpu and detect_launcher().world_size == 1 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    processes = processes_to_start(argv)
+    if processes > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // processes)
+        print(f"pretrain: starting {processes} CPU processes with {threads} thread(s) each (torchrun)",
+              file=sys.stderr, flush=True)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        # exec: torchrun takes this process's place, so signals (preemption) reach it directly.
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={processes}", "-m", "stages.pretrain", *argv])
     return run_stage("pretrain", run, argv)
 
 

@@ -249,7 +249,7 @@ class SourceImages(Dataset):
             image = Image.fromarray(image)
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # CPU only: see stages/dino/data.py
             try:
                 return self.transform(image), int(self.labels[index])
             except Exception as exc:

@@ -83,6 +83,12 @@ def test_reference_defaults() -> None:
     assert all(r.interpolation == transforms.InterpolationMode.BICUBIC for r in rrc)
 
 
+def test_blur_radius_reaches_every_view() -> None:
+    mc = MultiCrop(local_crops_number=2, global_size=32, local_size=16, blur_radius=(0.05, 0.3))
+    blurs = [t.transforms[4] for t in mc.global_transforms] + [mc.local_transform.transforms[4]]
+    assert [(b.radius_min, b.radius_max) for b in blurs] == [(0.05, 0.3)] * 3
+
+
 def test_normalisation_of_a_gray_image() -> None:
     """A constant gray image stays constant and gray through every step (crop, flip, jitter, gray,
     blur, solarise), so after undoing the ImageNet normalisation the three channels agree."""

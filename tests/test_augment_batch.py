@@ -280,6 +280,21 @@ def test_draw_probabilities():
     assert ab.draw_view(10, 30, 30, (0.4, 1.0), 0.5, 0.0, gen()).solarize is None
 
 
+def test_blur_radius_range_is_a_parameter():
+    d = ab.draw_view(20000, 28, 28, (0.4, 1.0), 1.0, 0.0, gen(8), blur_radius=(0.05, 0.5))
+    assert d.sigma.min() >= 0.05 and d.sigma.max() <= 0.5
+    assert stats.kstest(d.sigma.numpy(), "uniform", args=(0.05, 0.45)).pvalue > 1e-4
+
+
+def test_blur_beyond_the_papers_range_matches_pil(photo):
+    """A radius above the default bound needs more taps: sigma_max provides them."""
+    images = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
+    ours = ab.pil_gaussian_blur(images, torch.tensor([3.0]), sigma_max=3.0)[0].permute(1, 2, 0).numpy() * 255
+    pil = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(radius=3.0))).astype(np.float64)
+    diff = np.abs(ours - pil)
+    assert diff.max() <= 3.0 and diff.mean() <= 0.6, (diff.max(), diff.mean())  # as for sigma <= 2
+
+
 def whole_image_aug(size: int = 8, locals_: int = 2) -> BatchMultiCrop:
     """Every crop is the whole image at its own size (identity resampling)."""
     return BatchMultiCrop((1.0, 1.0), (1.0, 1.0), locals_, global_size=size, local_size=size)

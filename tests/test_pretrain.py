@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -118,3 +119,18 @@ def test_completed_run_is_not_repeated(tmp_path, shards, caplog):
     assert "resumed from" in caplog.text and metrics["steps"] == 9
     exported = torch.load(params.paths.teacher_backbone, weights_only=False)
     assert set(exported) >= {"teacher_backbone", "model"}
+
+
+def test_cpu_processes_start_themselves_with_torchrun(tmp_path, shards):
+    """`cpu_processes: 2` on a plain `python -m stages.pretrain`: two ranks (gloo) train with the
+    global batch of two processes; the result resumes and exports like a one-process run."""
+    params = params_at(tmp_path, shards, cpu_processes=2, batch_size_per_gpu=16)
+    params_file = write_params(tmp_path / "params.yaml", params)
+    proc = start(params_file)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "starting 2 CPU processes with 1 thread(s) each" in out
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["processes"] == 2
+    assert metrics["steps"] == 18  # as one process with batch 32: 2 epochs of 300 // 32 steps
+    assert (tmp_path / "models" / "teacher_backbone.pth").exists()

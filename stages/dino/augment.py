@@ -92,7 +92,8 @@ def normalize() -> transforms.Compose:
 
 
 def view_transform(
-    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0
+    size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0,
+    blur_radius: tuple[float, float] = BLUR_RADIUS,
 ) -> transforms.Compose:
     """The one definition of a DINO view; the three kinds differ only in these arguments.
 
@@ -101,6 +102,7 @@ def view_transform(
         scale: RandomResizedCrop area range (fraction of the image).
         blur_p: probability of the Gaussian blur.
         solarize_p: probability of solarisation (0 leaves the step out).
+        blur_radius: range of the blur radius in pixels (paper: (0.1, 2.0) on 224² views).
 
     Returns:
         PIL RGB image → float32 tensor (3, size, size).
@@ -114,7 +116,7 @@ def view_transform(
             [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
         ),
         transforms.RandomGrayscale(p=0.2),
-        RandomGaussianBlur(blur_p),
+        RandomGaussianBlur(blur_p, *blur_radius),
     ]
     if solarize_p > 0:
         steps.append(RandomSolarize(solarize_p))
@@ -191,6 +193,8 @@ class MultiCrop:
         global_size: side of the global views.
         local_size: side of the local views.
         global_crops_number: 2 (DINO) or 1 (then only "global 1", blur p 1.0, no solarisation).
+        blur_radius: range of the Gaussian blur radius in pixels; the paper's (0.1, 2.0) is for
+            224² views (scale it with the image for small ones).
 
     Call: encoded image bytes or a PIL image → list of float32 tensors
     [global 1 (3, G, G), global 2 (3, G, G), local 1 (3, L, L), ..., local n].
@@ -208,11 +212,13 @@ class MultiCrop:
         global_size: int = 224,
         local_size: int = 96,
         global_crops_number: int = 2,
+        blur_radius: tuple[float, float] = BLUR_RADIUS,
     ) -> None:
         views = multicrop_views(global_crops_scale, local_crops_scale, local_crops_number, global_size,
                                 local_size, global_crops_number, owner="MultiCrop")
-        self.global_transforms = [view_transform(*view) for view in views[:global_crops_number]]
-        self.local_transform = view_transform(local_size, local_crops_scale, LOCAL_BLUR)
+        self.global_transforms = [view_transform(*view, blur_radius=blur_radius)
+                                  for view in views[:global_crops_number]]
+        self.local_transform = view_transform(local_size, local_crops_scale, LOCAL_BLUR, blur_radius=blur_radius)
         self.local_crops_number = local_crops_number
 
     @property

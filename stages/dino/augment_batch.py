@@ -480,7 +480,8 @@ class ViewDraws:
 
 
 def draw_view(n: int, height: int, width: int, scale: tuple[float, float], blur_p: float,
-              solarize_p: float, generator: torch.Generator) -> ViewDraws:
+              solarize_p: float, generator: torch.Generator,
+              blur_radius: tuple[float, float] = BLUR_RADIUS) -> ViewDraws:
     """Draw the random parameters of one view for n images of size height x width.
 
     The draw order is fixed (crop, flip, jitter, order, 4 factors, grayscale, blur, sigma,
@@ -498,7 +499,7 @@ def draw_view(n: int, height: int, width: int, scale: tuple[float, float], blur_
     ], dim=1)
     gray = _rand(n, generator) < GRAYSCALE_P
     blur = _rand(n, generator) < blur_p
-    sigma = _rand(n, generator, BLUR_RADIUS[0], BLUR_RADIUS[1])
+    sigma = _rand(n, generator, blur_radius[0], blur_radius[1])
     solar = _rand(n, generator) < solarize_p if solarize_p > 0 else None
     return ViewDraws(top, left, crop_h, crop_w, flip, jitter, order, factors, gray, blur, sigma,
                      solar)
@@ -524,7 +525,7 @@ def _apply_where(mask: torch.Tensor, fn: Callable[..., torch.Tensor], images: to
 
 
 def render_view(source: torch.Tensor, draws: ViewDraws, size: int, resample: ResampleMode,
-                mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+                mean: torch.Tensor, std: torch.Tensor, blur_max: float = BLUR_RADIUS[1]) -> torch.Tensor:
     """Apply one view's draws to a batch (the one definition of a view).
 
     Args:
@@ -533,6 +534,7 @@ def render_view(source: torch.Tensor, draws: ViewDraws, size: int, resample: Res
         size: output side.
         resample: "matmul" or "interpolate" (see the module docstring).
         mean, std: (1, 3, 1, 1) normalisation constants.
+        blur_max: upper bound of draws.sigma (fixes the blur's taps).
 
     Returns:
         float32 (B, 3, size, size), normalised.
@@ -543,7 +545,7 @@ def render_view(source: torch.Tensor, draws: ViewDraws, size: int, resample: Res
         view = view.expand(-1, 3, -1, -1).contiguous()
     view = _apply_where(draws.jitter, color_jitter, view, draws.factors, draws.order)
     view = _apply_where(draws.gray, lambda x: rgb_to_grayscale(x).expand(-1, 3, -1, -1), view)
-    view = _apply_where(draws.blur, pil_gaussian_blur, view, draws.sigma)
+    view = _apply_where(draws.blur, lambda x, sigma: pil_gaussian_blur(x, sigma, blur_max), view, draws.sigma)
     if draws.solarize is not None:
         view = _apply_where(draws.solarize, solarize, view)
     return (view - mean) / std
@@ -565,6 +567,7 @@ class BatchMultiCrop:
         global_crops_number: 2 (DINO) or 1 (then only "global 1": blur p 1.0, no solarisation).
         resample: "auto" (dense matrix products on GPUs and for images up to 64x64 pixels on the
             CPU, else torch's uint8 kernel crop by crop), "matmul" or "interpolate".
+        blur_radius: range of the Gaussian blur radius in pixels (paper: (0.1, 2.0) on 224² views).
 
     Call: `aug(images, generator)` with images uint8 (B, C, H, W), C = 1 (copied to 3 channels)
     or 3, all the same size, and a torch.Generator on the images' device that makes every draw.
@@ -581,6 +584,7 @@ class BatchMultiCrop:
         local_size: int = 96,
         global_crops_number: int = 2,
         resample: ResampleMode = "auto",
+        blur_radius: tuple[float, float] = BLUR_RADIUS,
     ) -> None:
         #: (size, scale, blur p, solarise p) of every view, in output order.
         self.views: list[ViewSpec] = multicrop_views(global_crops_scale, local_crops_scale, local_crops_number,
@@ -593,6 +597,7 @@ class BatchMultiCrop:
             raise ValueError(f"BatchMultiCrop: resample must be 'auto', 'matmul' or 'interpolate', "
                              f"got {resample!r}")
         self.resample = resample
+        self.blur_radius = tuple(blur_radius)
 
     @property
     def ncrops(self) -> int:
@@ -624,7 +629,7 @@ class BatchMultiCrop:
         mean = torch.tensor(IMAGENET_MEAN, device=images.device).reshape(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=images.device).reshape(1, 3, 1, 1)
         # All draws first, view by view: the stream does not depend on the chunking below.
-        draws = [draw_view(n, height, width, scale, blur_p, sol_p, generator)
+        draws = [draw_view(n, height, width, scale, blur_p, sol_p, generator, self.blur_radius)
                  for _, scale, blur_p, sol_p in self.views]
         if images.device.type != "cpu" and resample == "matmul":
             return self._render_grouped(images, draws, mean, std)
@@ -637,7 +642,8 @@ class BatchMultiCrop:
             out = torch.empty(n, 3, size, size, device=images.device)
             for start in range(0, n, chunk):
                 part = slice(start, min(n, start + chunk))
-                out[part] = render_view(images[part], view_draws[part], size, resample, mean, std)
+                out[part] = render_view(images[part], view_draws[part], size, resample, mean, std,
+                                        self.blur_radius[1])
             crops.append(out)
         return crops
 
@@ -662,13 +668,14 @@ class BatchMultiCrop:
                                        if s is None else s for s in solar])
             merged = ViewDraws(*(torch.cat([getattr(d, f.name) for d in group])
                                  for f in fields(ViewDraws) if f.name != "solarize"), solar_cat)
-            out = render_view(images, merged, size, "matmul", mean, std)
+            out = render_view(images, merged, size, "matmul", mean, std, self.blur_radius[1])
             crops.extend(out.split(n))
             start = stop
         return crops
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(views={self.views}, resample={self.resample!r})"
+        return (f"{type(self).__name__}(views={self.views}, resample={self.resample!r}, "
+                f"blur_radius={self.blur_radius})")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
