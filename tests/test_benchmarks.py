@@ -1,0 +1,114 @@
+"""benchmarks/: CPU smoke runs of every benchmark at toy sizes (recipe_probe excluded).
+
+Each runs as `python -m benchmarks.<name>` and must print one JSON line naming the device and the
+torch version, echoing its configuration, with positive finite throughputs. Nothing here times
+anything: the sizes only exercise the code paths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a 2-block 32-dim ViT on 16-pixel global and 8-pixel local crops
+TINY_VIT = ["--arch", "vit_tiny", "--patch", "4", "--embed-dim", "32", "--depth", "2", "--heads", "2"]
+TINY_CROPS = ["--global-size", "16", "--local-size", "8", "--local-crops", "2"]
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 120) -> dict:
+    """The JSON of the last stdout line of `python -m benchmarks.<name> args`."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # two cores shared with other suites
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines, result.stderr[-3000:]
+    line = json.loads(lines[-1])
+    assert line["benchmark"] == name
+    assert line["device"] and line["torch"] == torch.__version__
+    return line
+
+
+def positive(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def test_step():
+    line = run_benchmark("step", *TINY_VIT, *TINY_CROPS, "--batch", "4", "--out-dim", "64",
+                         "--device", "cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1")
+    assert "cpu" in line["device"]
+    config = line["config"]
+    assert config | {"embed_dim": 32, "depth": 2, "heads": 2, "batch": 4, "global_size": 16, "local_size": 8,
+                     "local_crops": 2, "out_dim": 64, "steps": 2, "device": "cpu", "precision": "fp32"} == config
+    assert positive(line["images_per_second"], line["ms_per_step"], line["model_tflop_per_step"])
+    assert line["peak_memory_gib"] is None and line["mfu"] is None  # CUDA-only numbers
+
+
+def test_extract():
+    line = run_benchmark("extract", *TINY_VIT, "--size", "16", "--batch", "8", "--batches", "4",
+                         "--device", "cpu")
+    assert "cpu" in line["device"]
+    config = line["config"]
+    assert config | {"embed_dim": 32, "size": 16, "batch": 8, "batches": 4, "pooling": "cls",
+                     "device": "cpu"} == config
+    assert positive(line["images_per_second"], line["seconds"])
+
+
+def test_augment():
+    line = run_benchmark("augment", "--device", "cpu", "--batch", "2", "--global-size", "32",
+                         "--local-size", "16", "--local-crops", "2", "--image-size", "64", "48",
+                         "--iters", "2", "--warmup", "1", "--pil-images", "2", "--min-seconds", "0")
+    assert "cpu" in line["device"]
+    assert line["config"] == {"batch": 2, "global_size": 32, "local_size": 16, "global_crops": 2,
+                              "local_crops": 2, "image_size": [64, 48], "threads": 1, "iters": 2}
+    assert line["pil"]["images"] >= 2
+    assert positive(line["pil"]["images_per_second"], line["pil"]["ms_per_image"])
+    batched = line["batched"]
+    assert positive(batched["images_per_second"], batched["ms_per_batch"], batched["ms_per_batch_min"])
+    assert line["images_per_second"] == batched["images_per_second"]
+    assert line["ms_per_batch"] == batched["ms_per_batch"]
+
+
+@pytest.fixture(scope="module")
+def e2e_workdir(tmp_path_factory) -> Path:
+    """One folder for both e2e runs: the second reuses the first's JPEGs and shards."""
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.mark.parametrize("augment", ["pil", "batch"])
+def test_e2e(augment, e2e_workdir):
+    line = run_benchmark("e2e", "--images", "16", "--workers", "0", "--augment", augment, *TINY_VIT,
+                         *TINY_CROPS, "--batch", "4", "--out-dim", "64", "--steps", "2", "--warmup", "1",
+                         "--workdir", str(e2e_workdir))
+    config = line["config"]
+    assert config | {"images": 16, "workers": 0, "augment": augment, "embed_dim": 32, "batch": 4,
+                     "global_size": 16, "steps": 2, "workdir": str(e2e_workdir)} == config
+    assert (e2e_workdir / "shards" / "manifest.json").exists()
+    assert positive(line["images_per_second"], line["ms_per_step"])
+    if not torch.cuda.is_available():  # e2e has no --device: the trainer's auto picks the CPU, in fp32
+        assert "cpu" in line["device"] and config["precision"] == "fp32"
+
+
+def test_knn_agrees_with_reference():
+    line = run_benchmark("knn", "--train", "500", "--test", "200", "--dim", "16", "--classes", "5", "--k", "10")
+    assert line["config"] == {"train": 500, "test": 200, "dim": 16, "classes": 5, "k": 10}
+    assert positive(line["seconds"], line["reference_seconds"], line["speedup"])
+    assert line["top1"] > 100 / 5  # separable clusters: above chance
+    assert line["top1"] == pytest.approx(line["reference_top1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="cuda_check compares a CUDA step with a CPU step and runs the DAG on CUDA: "
+                           "nothing of it runs without a GPU")
+def test_cuda_check(tmp_path):
+    line = run_benchmark("cuda_check", "--workdir", str(tmp_path), timeout=600)
+    assert math.isfinite(line["step_loss_cpu"]) and math.isfinite(line["step_loss_cuda"])
+    assert line["step_loss_cuda"] == pytest.approx(line["step_loss_cpu"], rel=1e-3)
