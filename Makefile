@@ -1,6 +1,8 @@
 # make demo   - set up .venv, make sure Fashion-MNIST is there, `dvc repro` the embedded default
 #               (params.yaml), then `dvc metrics show`
 # make test   - set up .venv, run the whole test suite
+# make preset PRESET=fmnist-cpu [SEED=0] - a recipe of presets/ on its own: shard, pretrain,
+#               extract, knn under runs/<preset>/ (EXPERIMENTS.md has their results)
 # Other targets: venv, test-fast, workflow, dvc-commit, install-slurm-profile, help.
 
 SHELL := /bin/bash
@@ -22,10 +24,10 @@ FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-image
 
 SLURM_PROFILE_DIR := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake/slurm
 
-.PHONY: help venv demo test test-fast system-fashion-mnist workflow dvc-repo dvc-commit install-slurm-profile
+.PHONY: help venv demo test test-fast preset system-fashion-mnist workflow dvc-repo dvc-commit install-slurm-profile
 
 help:
-	@sed -n 's/^# \{0,1\}//;1,4p' Makefile
+	@sed -n 's/^# \{0,1\}//;1,6p' Makefile
 
 # The venv, reinstalled whenever pyproject.toml changes (the stamp is older then).
 venv: $(STAMP)
@@ -81,6 +83,11 @@ system-fashion-mnist:
 	  echo "make: $(FMNIST_SYSTEM) missing; installing $(FMNIST_PACKAGE)"; \
 	  apt-get install -y $(FMNIST_PACKAGE) || { apt-get update && apt-get install -y $(FMNIST_PACKAGE); }; \
 	fi; have $(FMNIST_SYSTEM)
+
+PRESET ?= fmnist-cpu
+preset: $(STAMP)
+	@$(MAKE) --no-print-directory system-fashion-mnist
+	$(BIN)/python -m stages.presets $(PRESET) --run $(if $(SEED),--seed $(SEED))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not slurm"
