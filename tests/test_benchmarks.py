@@ -97,6 +97,26 @@ def test_e2e(augment, e2e_workdir):
         assert "cpu" in line["device"] and config["precision"] == "fp32"
 
 
+def test_checkpoint(tmp_path):
+    line = run_benchmark("checkpoint", *TINY_VIT, "--img-size", "16", *TINY_CROPS, "--out-dim", "64",
+                         "--head-hidden", "32", "--head-bottleneck", "16", "--batch", "2", "--device", "cpu",
+                         "--dir", str(tmp_path), "--repeats", "2", timeout=300)
+    assert "cpu" in line["device"]
+    config = line["config"]
+    assert config | {"embed_dim": 32, "depth": 2, "heads": 2, "img_size": 16, "out_dim": 64, "head_hidden": 32,
+                     "head_bottleneck": 16, "device": "cpu", "dir": str(tmp_path), "repeats": 2,
+                     "filesystem_dir": str(tmp_path)} == config
+    times = ("state", "snapshot", "copy", "serialize", "save", "load", "restore")
+    assert positive(line["size_mib"], line["save_mib_per_s"], line["student_parameters"],
+                    *(line[f"{name}_s"] for name in times), *(line[f"{name}_s_min"] for name in times))
+    assert all(math.isfinite(line[f"{name}_cpu_s"]) and line[f"{name}_cpu_s"] >= 0 for name in times)
+    assert all(len(line[f"{name}_s_all"]) == 2 for name in times)
+    # student + teacher weights and two AdamW moments per trainable parameter, in float32
+    assert line["adamw_moment_elements"] > line["student_parameters"]
+    assert line["size_mib"] * 2**20 > 4 * (2 * line["student_parameters"] + line["adamw_moment_elements"])
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is removed
+
+
 def test_knn_agrees_with_reference():
     line = run_benchmark("knn", "--train", "500", "--test", "200", "--dim", "16", "--classes", "5", "--k", "10")
     assert line["config"] == {"train": 500, "test": 200, "dim": 16, "classes": 5, "k": 10}
