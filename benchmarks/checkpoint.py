@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.device import device_name, synchronize
+from benchmarks.step import synthetic_views
 from stages.distributed import init_distributed
 from stages.params import validate_params
 from stages.pretrain import Trainer
@@ -136,9 +137,7 @@ def main(argv=None) -> dict:
         checkpoints = workdir / "checkpoints"
         trainer = build_trainer(args, checkpoints)
         device = trainer.device
-        views = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
-        views += [torch.randn(args.batch, 3, args.local_size, args.local_size, device=device)
-                  for _ in range(args.local_crops)]
+        views = synthetic_views(args, device)
         trainer.train_step(views)
         trainer.progress.global_step += 1
         trainer.progress.step_in_epoch += 1

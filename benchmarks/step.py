@@ -41,6 +41,13 @@ def parse(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def synthetic_views(args: argparse.Namespace, device: torch.device) -> list[torch.Tensor]:
+    """Device-resident random crops: 2 global (args.global_size²), args.local_crops local."""
+    views = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
+    return views + [torch.randn(args.batch, 3, args.local_size, args.local_size, device=device)
+                    for _ in range(args.local_crops)]
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     params = validate_params({
@@ -55,9 +62,7 @@ def main(argv=None) -> dict:
     dist = init_distributed()
     trainer = Trainer(params, dist, steps_per_epoch=args.warmup + args.steps + 1)
     device = trainer.device
-    views = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=device) for _ in range(2)]
-    views += [torch.randn(args.batch, 3, args.local_size, args.local_size, device=device)
-              for _ in range(args.local_crops)]
+    views = synthetic_views(args, device)
 
     def step() -> None:
         trainer.train_step(views)
