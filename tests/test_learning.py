@@ -1,12 +1,13 @@
 """DINO learns (issue 8's learning test, not a timing test): the demo recipe (params.yaml's
-model and pretrain sections, 2 CPU processes, unchanged but for the epochs) trained on 5,000
-Fashion-MNIST images for 12 epochs (468 steps, about 4 minutes on 2 cores) gives teacher CLS
-features whose weighted 20-NN accuracy on 1,000 test images beats a randomly initialised backbone
-of the same architecture by MARGIN points.
+model and pretrain sections: batch 128 in one CPU process, unchanged but for the epochs) trained
+on 5,000 Fashion-MNIST images for 12 epochs (468 steps, about 4 minutes on 2 cores) gives teacher
+CLS features whose weighted 20-NN accuracy on 1,000 test images beats a randomly initialised
+backbone of the same architecture by MARGIN points.
 
-The margin was measured, not guessed: 61.1 % against 57.7 % for the random initialisation on this
-2-core CPU (2026-11-26; the run is deterministic on the CPU). Learning at this size needs images
-more than steps: 6 epochs gave +0.6, 4 epochs at a quarter of the batch (624 steps) +2.8.
+The margin was measured, not guessed: 63.5 % against 57.7 % for the random initialisation on this
+2-core CPU (2026-11-26; the run is deterministic on a given CPU), so MARGIN leaves 2.8 points for
+other CPUs' arithmetic. Learning at this size needs images more than steps: with the earlier
+recipe (2 processes, rising weight decay) 6 epochs gave +0.6 and 12 epochs +3.4.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from stages.params import validate_params
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 EPOCHS = 12
-MARGIN = 2.0
+MARGIN = 3.0
 
 pytestmark = [
     pytest.mark.e2e,
