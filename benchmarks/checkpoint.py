@@ -8,13 +8,21 @@ moments exist for every parameter (the head's last layer included, as after the 
 then times, `--repeats` times each:
 
 - state_s: `Trainer.state()` alone (state dicts, RNG states, params);
-- save_s: `Trainer.save()` whole, i.e. what the training loop waits for at each checkpoint: the
-  loss check, `state()`, the rotation of checkpoint.pth to checkpoint.prev.pth, torch.save into a
-  temporary file, its fsync, the rename and the folder's fsync (stages.atomic.torch_save);
-- snapshot_s: a copy of every tensor of the state into fresh CPU memory, the part an asynchronous
-  save would still have to do on the loop's thread;
-- copy_s: the same copy into CPU buffers allocated beforehand (an asynchronous saver that keeps
-  its buffers from one checkpoint to the next: no allocation, no page faults);
+- save_s: `Trainer.save()` whole with `async_checkpoint: false`, i.e. what the training loop
+  waits for at each synchronous checkpoint: the loss check, `state()`, the rotation of
+  checkpoint.pth to checkpoint.prev.pth, torch.save into a temporary file, its fsync, the rename
+  and the folder's fsync (stages.atomic.torch_save);
+- async_save_s: `Trainer.save()` with `async_checkpoint: true` (stages.dino.async_saver), i.e. what
+  the training loop waits for at each asynchronous checkpoint: the loss check, `state()`, the wait
+  for the previous checkpoint (none here: it was completed, as when checkpoints are further apart
+  than one write) and the copy of the state into the saver's CPU buffers; the first repeat also
+  allocates those buffers (pinned where CUDA is), later ones reuse them;
+- async_total_s: from that `Trainer.save()` until the background write is on disk (the same
+  rotation, temporary file, fsync and renames as save_s);
+- snapshot_s: a copy of every tensor of the state into fresh CPU memory (what an asynchronous
+  saver that kept no buffers would do on the loop's thread);
+- copy_s: the same copy into CPU buffers allocated beforehand (as the asynchronous saver does from
+  its second checkpoint on: no allocation, no page faults);
 - serialize_s: torch.save of the state into memory (no file, no fsync);
 - load_s: torch.load of checkpoint.pth alone;
 - restore_s: `Trainer.try_resume()` of a fresh Trainer (torch.load + every load_state_dict + RNG),
@@ -45,6 +53,7 @@ import torch
 
 from benchmarks.device import device_name, synchronize
 from benchmarks.step import synthetic_views
+from stages.dino.async_saver import AsyncCheckpointSaver
 from stages.distributed import init_distributed
 from stages.params import validate_params
 from stages.pretrain import Trainer
@@ -81,7 +90,7 @@ def build_trainer(args: argparse.Namespace, checkpoints: Path) -> Trainer:
                      "head_hidden_dim": args.head_hidden, "head_bottleneck_dim": args.head_bottleneck,
                      "global_crops_size": args.global_size, "local_crops_size": args.local_size,
                      "local_crops_number": args.local_crops, "precision": "fp32",
-                     "device": args.device, "warmup_epochs": 0,
+                     "device": args.device, "warmup_epochs": 0, "async_checkpoint": False,
                      # the last layer learns from the first step, so its AdamW moments exist, as
                      # in every checkpoint after the first epoch (the default freezes it for one)
                      "freeze_last_layer": 0},
@@ -147,8 +156,16 @@ def main(argv=None) -> dict:
         trainable = sum(p.numel() for p in trainer.student.parameters() if p.requires_grad)
         assert moments == 2 * trainable, f"AdamW holds {moments} moment elements, not 2 x {trainable}"
 
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("state", "snapshot", "copy", "serialize", "save", "load", "restore")}
+        times: dict[str, list[float]] = {k: [] for k in ("state", "snapshot", "copy", "serialize", "save",
+                                                         "async_save", "async_total", "load", "restore")}
+        saver = AsyncCheckpointSaver(checkpoints)  # kept across repeats, as in a run: its buffers are reused
+
+        def save_async() -> None:
+            trainer.saver = saver  # what `async_checkpoint: true` gives the main rank
+            times["async_save"].append(timed(trainer.save, device, "async_save")[0])
+            trainer.finish_checkpoint()
+            trainer.saver = None
+
         fresh = None
         for _ in range(args.repeats):
             seconds, state = timed(trainer.state, device, "state")
@@ -161,7 +178,8 @@ def main(argv=None) -> dict:
             times["serialize"].append(timed(serialize, device, "serialize")[0])
             del state
             times["save"].append(timed(trainer.save, device, "save")[0])
-            latest = trainer.last_checkpoint
+            times["async_total"].append(timed(save_async, device, "async_total")[0])
+            latest = trainer.last_checkpoint  # written by the saver: the restore below checks it
             times["load"].append(timed(lambda: torch.load(latest, map_location=device, weights_only=False),
                                        device, "load")[0])
             del fresh  # one fresh Trainer alive at a time

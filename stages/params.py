@@ -173,6 +173,8 @@ class Pretrain(Section):
     teacher_output: Literal["centering", "softmax", "sinkhorn"] = "centering"
     # checkpoints, logging, safety
     checkpoint_every_steps: NonNegInt = 0  # 0: only at each epoch's end
+    # write checkpoints from a copy of the state in a background thread, while training goes on
+    async_checkpoint: bool = True
     log_every_steps: PositiveInt = 10
     collapse_patience_steps: NonNegInt = 200  # 0 disables the collapse guard
     stop_on_collapse: bool = False

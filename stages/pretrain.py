@@ -5,9 +5,11 @@
 One process per device; launched plainly, by torchrun or by srun (stages.distributed finds out).
 Schedules are per iteration (lr: linear warm-up then cosine; weight decay: cosine; teacher
 momentum: cosine to 1), computed once as arrays. A checkpoint is written every
-`checkpoint_every_steps` and at each epoch's end; a restarted stage resumes from the latest one
-with the same params, exactly (same batches, same augmentations, same RNG streams). SIGTERM or
-SIGUSR1 finishes the step, checkpoints, and exits (or requeues the SLURM job).
+`checkpoint_every_steps` and at each epoch's end (with `async_checkpoint`, by a background
+thread from a copy of the state, while training goes on); a restarted stage resumes from the latest
+one with the same params, exactly (same batches, same augmentations, same RNG streams). SIGTERM or
+SIGUSR1 finishes the step, checkpoints, and exits (or requeues the SLURM job). Before the stage
+leaves, for whatever reason, the checkpoint in flight is completed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from stages import preemption
 from stages.atomic import torch_save, write_json
 from stages.cli import StageError, run_stage
 from stages.distributed import DistInfo, detect_launcher, init_distributed
+from stages.dino.async_saver import AsyncCheckpointSaver
 from stages.dino.augment import MultiCrop
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
@@ -186,7 +190,9 @@ class Trainer:
         self.guard = CollapseGuard(p.out_dim, p.collapse_patience_steps, p.stop_on_collapse)
         self.progress = Progress()
         self.checkpoint_dir = Path(params.paths.checkpoints)
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # only ever a completely written file
+        # only the main rank writes; None: synchronous writes (or not the main rank)
+        self.saver = AsyncCheckpointSaver(self.checkpoint_dir) if p.async_checkpoint and dist.is_main else None
         self.last_stats: dict[str, float] = {}
         self.saved_step = -1
         self.pending_losses: list[tuple[int, int, torch.Tensor]] = []
@@ -223,9 +229,33 @@ class Trainer:
         self.check_losses()
         state = self.state()  # every rank takes part in gathering the RNG states
         self.saved_step = self.progress.global_step
-        if self.dist.is_main:
+        if self.saver is not None:
+            self.finish_checkpoint()
+            self.saver.save(state)  # logs "checkpoint at step ..." once the file is on disk
+        elif self.dist.is_main:
             self.last_checkpoint = save_checkpoint(self.checkpoint_dir, state)
             logger.info("checkpoint at step %d -> %s", self.progress.global_step, self.last_checkpoint)
+
+    def finish_checkpoint(self) -> None:
+        """Block until the checkpoint in flight (if any) is on disk, and name it in
+        `last_checkpoint`; re-raises its write's error."""
+        if self.saver is not None:
+            self.last_checkpoint = self.saver.wait() or self.last_checkpoint
+
+    @contextlib.contextmanager
+    def completing_checkpoints(self) -> Iterator[None]:
+        """However training leaves, the checkpoint in flight is on disk first (a rerun resumes
+        from it, the stage exports and reports only complete files). Leaving on another error, a
+        failure of that write is logged and the first error raised."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.finish_checkpoint()
+            except Exception:
+                logger.exception("the checkpoint in flight when training failed was not written")
+            raise
+        self.finish_checkpoint()
 
     def try_resume(self) -> bool:
         found = load_latest(self.checkpoint_dir, map_location=self.device)
@@ -313,6 +343,7 @@ class Trainer:
         pending, self.pending_losses = self.pending_losses, []
         for (step, epoch, _), value in zip(pending, values):
             if not math.isfinite(value):
+                self.finish_checkpoint()  # the checkpoint in flight holds finite steps only
                 raise StageError(
                     f"non-finite loss ({value}) at step {step} (epoch {epoch}); last good checkpoint: "
                     f"{self.last_checkpoint or 'none written yet'} (left intact)"
@@ -339,7 +370,7 @@ class Trainer:
         start_time, start_step = time.perf_counter(), self.progress.global_step
         bar = tqdm(total=p.epochs * spe, initial=start_step, disable=not self.dist.is_main,
                    unit="step", desc="pretrain", dynamic_ncols=True)
-        with preemption.handler() as stop:
+        with preemption.handler() as stop, self.completing_checkpoints():
             while self.progress.epoch < p.epochs:
                 epoch = self.progress.epoch
                 for views, _ in self.loader(epoch, self.progress.step_in_epoch):
@@ -393,6 +424,7 @@ class Trainer:
         """Leave after a stop signal; the step in flight was finished by the caller."""
         if self.saved_step != self.progress.global_step:
             self.save()
+        self.finish_checkpoint()  # leave names a checkpoint that is on disk
         bar.close()
         preemption.leave(stop.signal_name, self.last_checkpoint, requeue=self.params.pretrain.on_preempt == "requeue")
 

@@ -30,7 +30,7 @@ PREVIOUS = "checkpoint.prev.pth"
 # Keys that change how a run is executed or logged but not what it computes; a checkpoint whose
 # params differ only in these is resumed.
 RUN_ONLY_KEYS = {
-    "num_workers", "device", "checkpoint_every_steps", "log_every_steps",
+    "num_workers", "device", "checkpoint_every_steps", "async_checkpoint", "log_every_steps",
     "collapse_patience_steps", "stop_on_collapse", "inject_nonfinite_at_step",
 }
 

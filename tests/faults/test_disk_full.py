@@ -20,6 +20,7 @@ import torch
 from faultkit import fault_params
 from stages import extract
 from stages.atomic import torch_save, write_json
+from stages.dino.async_saver import AsyncCheckpointSaver
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.training_state import LATEST, PREVIOUS, load_latest, save_checkpoint
 from stages.params import validate_params
@@ -93,3 +94,19 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one(full_disk: Path) -> No
     assert torch.load(directory / PREVIOUS, weights_only=False)["global_step"] == 2
     assert sorted(p.name for p in directory.iterdir()) == sorted([LATEST, PREVIOUS])
     np.testing.assert_array_equal(state["weights"].numpy(), np.zeros(100))
+
+
+def test_full_disk_during_an_async_checkpoint_surfaces_at_the_next_save(full_disk: Path) -> None:
+    """The background write fails; the training thread gets the same ENOSPC naming checkpoint.pth
+    at its next save, and the last complete checkpoint is kept."""
+    directory = full_disk / "checkpoints"
+    saver = AsyncCheckpointSaver(directory)
+    saver.save({"global_step": 2, "weights": torch.zeros(100)})
+    assert saver.wait() == directory / LATEST
+    saver.save({"global_step": 4, "weights": torch.zeros(4096)})  # 16 KB: returns, fails behind
+    with pytest.raises(OSError) as failed:
+        saver.save({"global_step": 6, "weights": torch.zeros(100)})
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(directory / LATEST)
+    state, path = load_latest(directory)
+    assert path == directory / LATEST and state["global_step"] == 2
+    assert sorted(p.name for p in directory.iterdir()) == sorted([LATEST, PREVIOUS])

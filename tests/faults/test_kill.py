@@ -33,9 +33,11 @@ def test_kill_during_data_loading_resumes_bitwise(tmp_path: Path, fault_shards: 
             assert stage.proc.poll() is None, stage.output
             pids = {w.pid for w in stage.workers()}
             done_epoch0 = f"checkpoint at step {STEPS_PER_EPOCH} ->" in stage.output
-            if not done_epoch0:
-                first |= pids
-            elif pids - first:  # epoch 1's worker is up: the main process is loading its batch
+            if not first:
+                first |= pids  # epoch 0's one worker
+            # Epoch 0's checkpoint is on disk (logged by the background writer, maybe after epoch
+            # 1's loader started) and epoch 1's worker is up: the main process is loading its batch.
+            elif done_epoch0 and pids - first:
                 killed_worker = next(iter(pids - first))
                 os.kill(stage.proc.pid, signal.SIGKILL)
                 break
