@@ -51,6 +51,7 @@ from stages.dino.optim import (
     set_schedules,
 )
 from stages.dino.schedules import cosine_scheduler
+from stages.dino.sync_batchnorm import convert_distributed_batchnorm, has_batchnorm
 from stages.dino.teacher import copy_weights, ema_update
 from stages.dino.training_state import (
     PREVIOUS,
@@ -169,9 +170,12 @@ class Trainer:
         # normalises with batch statistics; it has no dropout or stochastic depth.
         self.student_ddp: nn.Module = self.student
         if dist.world_size > 1:
-            if p.use_bn_in_head and self.device.type == "cuda":
-                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+            if has_batchnorm(self.student):
+                # As the reference: BatchNorm statistics of the global batch, not of each rank's
+                # share. torch's SyncBatchNorm takes CUDA tensors only; ours any (gloo on CPU).
+                convert = (nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda"
+                           else convert_distributed_batchnorm)
+                self.student, self.teacher = convert(self.student), convert(self.teacher)
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[dist.local_rank] if self.device.type == "cuda" else None
             )
