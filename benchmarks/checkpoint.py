@@ -19,10 +19,6 @@ then times, `--repeats` times each:
   allocates those buffers (pinned where CUDA is), later ones reuse them;
 - async_total_s: from that `Trainer.save()` until the background write is on disk (the same
   rotation, temporary file, fsync and renames as save_s);
-- snapshot_s: a copy of every tensor of the state into fresh CPU memory (what an asynchronous
-  saver that kept no buffers would do on the loop's thread);
-- copy_s: the same copy into CPU buffers allocated beforehand (as the asynchronous saver does from
-  its second checkpoint on: no allocation, no page faults);
 - serialize_s: torch.save of the state into memory (no file, no fsync);
 - load_s: torch.load of checkpoint.pth alone;
 - restore_s: `Trainer.try_resume()` of a fresh Trainer (torch.load + every load_state_dict + RNG),
@@ -112,29 +108,6 @@ def timed(fn, device: torch.device, name: str | None = None) -> tuple[float, obj
     return time.perf_counter() - start, out
 
 
-def snapshot(obj):
-    """Every tensor of a nested state copied into fresh CPU memory (what an async save would do)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
-
-
-def copy_into(buffers, obj) -> None:
-    """Copy every tensor of `obj` into the same place of `buffers` (a `snapshot` of it)."""
-    if isinstance(obj, torch.Tensor):
-        buffers.copy_(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            copy_into(buffers[k], v)
-    elif isinstance(obj, (list, tuple)):
-        for b, v in zip(buffers, obj):
-            copy_into(b, v)
-
-
 def main(argv=None) -> dict:
     args = parse(argv)
     CPU_TIMES.clear()
@@ -156,7 +129,7 @@ def main(argv=None) -> dict:
         trainable = sum(p.numel() for p in trainer.student.parameters() if p.requires_grad)
         assert moments == 2 * trainable, f"AdamW holds {moments} moment elements, not 2 x {trainable}"
 
-        times: dict[str, list[float]] = {k: [] for k in ("state", "snapshot", "copy", "serialize", "save",
+        times: dict[str, list[float]] = {k: [] for k in ("state", "serialize", "save",
                                                          "async_save", "async_total", "load", "restore")}
         saver = AsyncCheckpointSaver(checkpoints)  # kept across repeats, as in a run: its buffers are reused
 
@@ -170,10 +143,6 @@ def main(argv=None) -> dict:
         for _ in range(args.repeats):
             seconds, state = timed(trainer.state, device, "state")
             times["state"].append(seconds)
-            seconds, buffers = timed(lambda: snapshot(state), device, "snapshot")
-            times["snapshot"].append(seconds)
-            times["copy"].append(timed(lambda: copy_into(buffers, state), device, "copy")[0])
-            del buffers
             serialize = lambda: torch.save(state, io.BytesIO())  # noqa: E731
             times["serialize"].append(timed(serialize, device, "serialize")[0])
             del state
