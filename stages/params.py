@@ -171,6 +171,9 @@ class Pretrain(Section):
     loss: Literal["ce", "mse"] = "ce"
     predictor: bool = False
     teacher_output: Literal["centering", "softmax", "sinkhorn"] = "centering"
+    # DINOv2's KoLeo term on the student's CLS features of each global view, times this weight
+    # (DINOv2: 0.1; DINO: 0, off)
+    koleo_weight: NonNegFloat = 0.0
     # checkpoints, logging, safety
     checkpoint_every_steps: NonNegInt = 0  # 0: only at each epoch's end
     # write checkpoints from a copy of the state in a background thread, while training goes on

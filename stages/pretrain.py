@@ -41,6 +41,7 @@ from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
 from stages.dino.data import EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
 from stages.dino.head import DINOHead, build_predictor
+from stages.dino.koleo import koleo_loss
 from stages.dino.loss import DINOLoss
 from stages.dino.model import MultiCropModel
 from stages.dino.optim import (
@@ -303,8 +304,16 @@ class Trainer:
             copy_weights(self.teacher, self.student)
         with self.autocast():
             teacher_output = self.teacher(views[: p.global_crops_number])
-            student_output = self.student_ddp(views)
+            if p.koleo_weight > 0:
+                student_output, features = self.student_ddp(views, return_features=True)
+            else:
+                student_output = self.student_ddp(views)
             loss = self.loss(student_output, teacher_output, epoch)
+            if p.koleo_weight > 0:
+                global_features = features[: len(views[0]) * p.global_crops_number]
+                koleo = sum(koleo_loss(f) for f in global_features.chunk(p.global_crops_number))
+                self.loss.last_stats["koleo"] = koleo.detach()
+                loss = loss + p.koleo_weight * koleo
         if p.inject_nonfinite_at_step is not None and it == p.inject_nonfinite_at_step:
             loss = loss * float("nan")
         self.pending_losses.append((it, epoch, loss.detach()))

@@ -40,12 +40,15 @@ def run_tiny(root: Path, shards: Path, **pretrain_overrides) -> tuple[dict, dict
     {"local_crops_number": 0},
     {"optimizer": "sgd"},
     {"optimizer": "lars"},
+    {"koleo_weight": 0.1},
 ], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_ablation_trains(tmp_path, shards, overrides):
     metrics, state = run_tiny(tmp_path, shards, **overrides)
     assert state["global_step"] == 9 and math.isfinite(metrics["loss"])
     teacher = torch.cat([v.flatten().float() for k, v in state["teacher"].items() if k.startswith("backbone.")])
     assert torch.isfinite(teacher).all()
+    if overrides.get("koleo_weight"):
+        assert math.isfinite(metrics["koleo"])
 
 
 def test_teacher_rules_differ_as_specified(tmp_path, shards):

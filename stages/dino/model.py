@@ -22,8 +22,11 @@ class MultiCropModel(nn.Module):
         self.head = head
         self.predictor = predictor
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """crops: list of (B, C, H_i, W_i); returns (len(crops)·B, K) in crop order."""
+    def forward(
+        self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """crops: list of (B, C, H_i, W_i); returns (len(crops)·B, K) in crop order, and with
+        return_features also the backbone's (len(crops)·B, D) features the head took."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features, start = [], 0
@@ -33,7 +36,8 @@ class MultiCropModel(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        output = self.head(torch.cat(features))
+        features = torch.cat(features)
+        output = self.head(features)
         if self.predictor is not None:
             output = self.predictor(output)
-        return output
+        return (output, features) if return_features else output
