@@ -304,10 +304,7 @@ class Trainer:
             copy_weights(self.teacher, self.student)
         with self.autocast():
             teacher_output = self.teacher(views[: p.global_crops_number])
-            if p.koleo_weight > 0:
-                student_output, features = self.student_ddp(views, return_features=True)
-            else:
-                student_output = self.student_ddp(views)
+            student_output, features = self.student_ddp(views, return_features=True)
             loss = self.loss(student_output, teacher_output, epoch)
             if p.koleo_weight > 0:
                 global_features = features[: len(views[0]) * p.global_crops_number]
