@@ -44,3 +44,12 @@ def test_params_mismatch_ignores_run_only_keys():
     other = {"pretrain": {"lr": 0.2, "num_workers": 2}, "model": {"arch": "vit_small"}}
     assert params_mismatch(saved, same) == []
     assert params_mismatch(saved, other) == ["model.arch", "pretrain.lr"]
+
+
+def test_params_mismatch_reads_a_key_the_checkpoint_lacks_as_its_default():
+    """A checkpoint written before `koleo_weight` existed resumes under the default (off), and
+    only under it; the same for a tuple-valued default."""
+    saved = {"pretrain": {"lr": 0.1}}
+    assert params_mismatch(saved, {"pretrain": {"lr": 0.1, "koleo_weight": 0.0}}) == []
+    assert params_mismatch(saved, {"pretrain": {"lr": 0.1, "koleo_weight": 0.1}}) == ["pretrain.koleo_weight"]
+    assert params_mismatch(saved, {"pretrain": {"lr": 0.1, "blur_radius": [0.1, 2.0]}}) == []
