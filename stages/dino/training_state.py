@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic_core import to_jsonable_python
 
 from stages.atomic import torch_save
+from stages.params import Params
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ def params_mismatch(saved: dict, current: dict) -> list[str]:
     """Dotted keys of the model/pretrain/dataset sections that differ, ignoring run-only keys. A
     key the checkpoint's params lack (written before the key existed) counts as its default, so
     adding a key with a default that keeps the old behaviour does not restart running trainings."""
-    from stages.params import Params
-
     differences = []
     for section in ("dataset", "model", "pretrain"):
         old, new = saved.get(section, {}), current.get(section, {})
@@ -112,16 +112,12 @@ def params_mismatch(saved: dict, current: dict) -> list[str]:
         for key in sorted(set(old) | set(new)):
             if key in RUN_ONLY_KEYS:
                 continue
-            before = old[key] if key in old else _json_default(fields.get(key))
+            if key in old:
+                before = old[key]
+            else:  # a checkpoint written before the key existed
+                field = fields.get(key)
+                before = to_jsonable_python(field.get_default(call_default_factory=True)) if field else None
             if before != new.get(key):
                 differences.append(f"{section}.{key}")
     return differences
 
-
-def _json_default(field: Any) -> Any:
-    """A schema field's default as model_dump(mode="json") writes it (tuples as lists); None for
-    a key the schema does not know."""
-    if field is None:
-        return None
-    default = field.get_default(call_default_factory=True)
-    return list(default) if isinstance(default, tuple) else default
