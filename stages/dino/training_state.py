@@ -112,12 +112,12 @@ def params_mismatch(saved: dict, current: dict) -> list[str]:
         for key in sorted(set(old) | set(new)):
             if key in RUN_ONLY_KEYS:
                 continue
-            if key in old:
-                before = old[key]
-            else:  # a checkpoint written before the key existed
-                field = fields.get(key)
-                before = to_jsonable_python(field.get_default(call_default_factory=True)) if field else None
+            before = old[key] if key in old else _schema_default(fields.get(key))
             if before != new.get(key):
                 differences.append(f"{section}.{key}")
     return differences
 
+
+def _schema_default(field: Any) -> Any:
+    """A params field's default as the params file would spell it (None for an unknown key)."""
+    return None if field is None else to_jsonable_python(field.get_default(call_default_factory=True))
