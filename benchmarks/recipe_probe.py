@@ -4,14 +4,15 @@ after chosen epochs, in one process. The rows of EXPERIMENTS.md's probe table co
 
     python -m benchmarks.recipe_probe NAME [section.key=value ...] [eval=1,2]
 
-Shards: runs/probes/shards (made on first use). Each epoch's row (seconds of training so far,
-loss, teacher entropies, k-NN top-1 when evaluated) is printed and appended to
-runs/probes/NAME/log.jsonl. Evaluation time is not counted as training time.
+Shards: runs/probes/shards (made on first use; $RECIPE_PROBES moves runs/probes). Each epoch's
+row (seconds of training so far, loss, teacher entropies, k-NN top-1 when evaluated) is printed
+and appended to runs/probes/NAME/log.jsonl. Evaluation time is not counted as training time.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from stages.pretrain import Trainer
 from stages.sources.fashion_mnist import FashionMNIST
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBES = ROOT / "runs" / "probes"
+PROBES = Path(os.environ.get("RECIPE_PROBES", ROOT / "runs" / "probes"))
 
 
 def probe_params(name: str, overrides: list[str]) -> tuple[dict, set[int] | None]:
@@ -54,14 +55,17 @@ def probe_params(name: str, overrides: list[str]) -> tuple[dict, set[int] | None
 
 @torch.no_grad()
 def cls_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> CLS features, prepared as the extract stage does for 28² inputs."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """uint8 (N, 28, 28) -> CLS features, prepared as the extract stage does for 28² inputs
+    (bf16 autocast on CUDA, as its `precision: auto`)."""
+    device = next(backbone.parameters()).device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     backbone.eval()
-    out = [backbone((batch.float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std)
-           for batch in images.split(1000)]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = [backbone((batch.to(device).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std).float()
+               for batch in images.split(1000)]
     backbone.train()
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""benchmarks/: CPU smoke runs of every benchmark at toy sizes (recipe_probe excluded).
+"""benchmarks/: CPU smoke runs of every benchmark at toy sizes (recipe_probe and the device
+driver gpu_recipes excluded: only gpu_recipes' arithmetic is checked).
 
 Each runs as `python -m benchmarks.<name>` and must print one JSON line naming the device and the
 torch version, echoing its configuration, with positive finite throughputs. Nothing here times
@@ -133,3 +134,21 @@ def test_cuda_check(tmp_path):
     line = run_benchmark("cuda_check", "--workdir", str(tmp_path), timeout=600)
     assert math.isfinite(line["step_loss_cpu"]) and math.isfinite(line["step_loss_cuda"])
     assert line["step_loss_cuda"] == pytest.approx(line["step_loss_cpu"], rel=1e-3)
+
+
+def test_gpu_recipes_fits_the_epochs_to_the_deadline():
+    from benchmarks.gpu_recipes import fitting_epochs
+    # 2 of 60 epochs done at 22.5 s each (24.75 with the 1.1 margin), 60 s in, 20 s to start again:
+    # the rest would end at 60 + 58 * 24.75 + 4 evaluations * 5 s = 1515.5 s, past 500 s
+    assert fitting_epochs(60, 2, 22.5, 60, 20, 500) == 16  # floor((500 - 60 - 20 - 4 * 5) / 24.75)
+    assert fitting_epochs(60, 2, 2.0, 60, 20, 500) is None  # ends at 60 + 58 * 2.2 + 20 = 207.6 s
+    assert fitting_epochs(60, 2, 200.0, 60, 20, 500) == 2  # never fewer than two epochs
+
+
+def test_gpu_recipes_scales_the_warmups_with_the_epochs():
+    from benchmarks.gpu_recipes import eval_epochs, schedule_overrides
+    # fmnist-cpu: 10 epochs, params.yaml's 1-epoch lr warm-up, no teacher-temperature warm-up
+    assert schedule_overrides("fmnist-cpu", 25) == [
+        "pretrain.epochs=25", "pretrain.warmup_epochs=2", "pretrain.warmup_teacher_temp_epochs=0"]
+    assert eval_epochs(15) == [3, 7, 11, 15]
+    assert eval_epochs(2) == [1, 2]
