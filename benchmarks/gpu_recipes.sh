@@ -28,7 +28,8 @@ python3 -m benchmarks.gpu_recipes --deadline-s $((LIMIT - SECONDS - 45)) --epoch
 for variant in "$@"; do
   run=${variant%%=*}
   cat "$RECIPE_PROBES/$run/log.jsonl" >>"$OUT/curves.jsonl" 2>/dev/null
-  { echo "== $run"; tail -c 2000 "$RECIPE_PROBES/$run/stdout.txt"; echo; } >>"$OUT/tails.txt" 2>/dev/null
+  { echo "== $run"; grep -m 3 -i "collapse" "$RECIPE_PROBES/$run/stdout.txt"  # the guard's warnings
+    tail -c 2000 "$RECIPE_PROBES/$run/stdout.txt"; echo; } >>"$OUT/tails.txt" 2>/dev/null
 done
 if [ $((LIMIT - SECONDS)) -gt 80 ]; then
   timeout 60 python3 -m benchmarks.step --arch vit_small --patch 16 --batch 64 >>"$OUT/bench.jsonl" 2>>"$OUT/tails.txt"

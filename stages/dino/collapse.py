@@ -20,10 +20,10 @@ logger = logging.getLogger(__name__)
 UNIFORM_FRACTION = 0.95  # per-sample entropy above this fraction of ln K
 DOMINANT_FRACTION = 0.05  # batch-mean entropy below this fraction of ln K
 
-FIXES = (
-    "usual fixes: use_bn_in_head: true, a smaller out_dim (e.g. 1024-4096 on small data), "
-    "a lower momentum_teacher for small batches (0.98-0.99), a higher lr, "
-    "teacher-temperature warm-up (warmup_teacher_temp 0.04 -> teacher_temp 0.07)"
+FIXES = (  # what made small-data runs learn in EXPERIMENTS.md (g1-g3: local crops on 28² images collapsed)
+    "usual fixes: use_bn_in_head: true, a smaller out_dim (e.g. 1024 on small data), "
+    "a lower momentum_teacher for small batches (0.98-0.99), a higher lr, a sharper teacher "
+    "(teacher_temp 0.04), fewer or no local crops on small images"
 )
 
 
