@@ -2,11 +2,11 @@
 
     python -m benchmarks.gpu_recipes --deadline-s 420 --epochs 60 NAME="key=value ..." ...
 
-Each variant is the fmnist-gpu preset plus its own overrides, trained and scored by
-benchmarks.recipe_probe in its own process (k-NN at each quarter of the run), all at once. Once
-every run has logged two epochs, the slowest one's epoch time projects the finish; when that
-would pass the deadline, all runs restart once with the epochs that fit (the preset's warm-ups
-scaled in proportion). Running side by side, each run's seconds are an upper bound on the same
+Each variant is a preset (--preset, default fmnist-gpu) plus its own overrides, trained and
+scored by benchmarks.recipe_probe in its own process (k-NN at each quarter of the run), all at
+once. Once every run has logged two epochs, the slowest one's epoch time projects the finish;
+when that would pass the deadline, all runs restart once with the epochs that fit (the preset's
+warm-ups scaled in proportion). Running side by side, each run's seconds are an upper bound on the same
 run alone. One JSON line per variant at the end (stdout and --out).
 """
 
@@ -98,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines here")
     args = parser.parse_args(argv)
     start = time.monotonic()
-    variants = {}
-    for spec in args.variants:
-        name, _, extra = spec.partition("=")
-        variants[name] = preset_overrides(args.preset) + extra.split()
+    extras = {name: extra.split() for name, _, extra in (spec.partition("=") for spec in args.variants)}
+    variants = {name: preset_overrides(args.preset) + extra for name, extra in extras.items()}
 
     if not (PROBES / "shards" / "manifest.json").exists():
         cfg, _ = probe_params("shards", [f"dataset.num_workers={args.shard_workers}"])
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         rows = read_rows(run.name)
         result = {"benchmark": "gpu_recipes", "device": device, "torch": torch.__version__, "variant": run.name,
-                  "overrides": " ".join(variants[run.name][len(preset_overrides(args.preset)):]),
+                  "overrides": " ".join(extras[run.name]),
                   "epochs": run.epochs, "exit": run.process.returncode, "runs_side_by_side": len(runs),
                   "epochs_done": len(rows), "train_s": rows[-1]["train_s"] if rows else None,
                   "knn20": {row["epoch"]: row["knn20"] for row in rows if "knn20" in row},
