@@ -6,8 +6,8 @@ Each variant is a preset (--preset, default fmnist-gpu) plus its own overrides, 
 scored by benchmarks.recipe_probe in its own process (k-NN at each quarter of the run), all at
 once. Once every run has logged two epochs, the slowest one's epoch time projects the finish;
 when that would pass the deadline, all runs restart once with the epochs that fit (the preset's
-warm-ups scaled in proportion). Running side by side, each run's seconds are an upper bound on the same
-run alone. One JSON line per variant at the end (stdout and --out).
+warm-ups scaled in proportion). Running side by side, each run's seconds are an upper bound on
+the same run alone. One JSON line per variant at the end (stdout and --out).
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from benchmarks.recipe_probe import PROBES, ROOT, probe_params
-from stages import shard
+from benchmarks.recipe_probe import PROBES, ROOT, ensure_shards, probe_params
 from stages.params import validate_params
-from stages.presets import flatten, load_preset, merge
+from stages.presets import flatten, load_preset, preset_params
 
 SAFETY = 1.1       # the projection's margin on the measured epoch time
 EVAL_S = 5.0       # allowance per k-NN evaluation (70k images forward, 10k x 60k search)
@@ -41,7 +39,7 @@ def preset_overrides(preset: str) -> list[str]:
 
 def schedule_overrides(preset: str, epochs: int) -> list[str]:
     """The preset's warm-ups scaled to `epochs` (the recipe's shape kept when the deadline cuts it)."""
-    pretrain = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), load_preset(preset))["pretrain"]
+    pretrain = preset_params(preset, PROBES)["pretrain"]
     scale = epochs / pretrain["epochs"]
     return [f"pretrain.epochs={epochs}"] + [f"pretrain.{key}={round(pretrain[key] * scale)}"
                                             for key in ("warmup_epochs", "warmup_teacher_temp_epochs")]
@@ -101,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     extras = {name: extra.split() for name, _, extra in (spec.partition("=") for spec in args.variants)}
     variants = {name: preset_overrides(args.preset) + extra for name, extra in extras.items()}
 
-    if not (PROBES / "shards" / "manifest.json").exists():
-        cfg, _ = probe_params("shards", [f"dataset.num_workers={args.shard_workers}"])
-        shard.run(validate_params(cfg))
+    ensure_shards(validate_params(probe_params("shards", [f"dataset.num_workers={args.shard_workers}"])[0]))
     print(f"gpu_recipes: shards ready after {time.monotonic() - start:.0f} s", flush=True)
 
     runs = [Run(name, overrides, args.epochs, args.preset) for name, overrides in variants.items()]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's device run: a preset and variants of it side by side on one GPU
 # (benchmarks.gpu_recipes, sized to the time left), then GPU benchmarks while time remains.
-#   device run (carry .whl .fmnist): bash benchmarks/gpu_recipes.sh SECONDS PRESET NAME="key=value ..." ...
+#   device run (carry .whl .fmnist): [EPOCHS=60] bash benchmarks/gpu_recipes.sh SECONDS PRESET NAME="key=value ..." ...
 # .whl: the wheels named in gpu_suite.sh; .fmnist: the four Fashion-MNIST .gz files
 # (cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/; both git-ignored via .git/info/exclude).
 set -u

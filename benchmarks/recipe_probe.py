@@ -53,6 +53,12 @@ def probe_params(name: str, overrides: list[str]) -> tuple[dict, set[int] | None
     return cfg, eval_epochs
 
 
+def ensure_shards(params) -> None:
+    """The shared probe shards, made on first use (by the caller's params: e.g. its encode workers)."""
+    if not (PROBES / "shards" / "manifest.json").exists():
+        shard.run(params)
+
+
 @torch.no_grad()
 def cls_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) -> CLS features, prepared as the extract stage does for 28² inputs
@@ -73,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     name, overrides = argv[0], argv[1:]
     cfg, eval_epochs = probe_params(name, overrides)
     params = validate_params(cfg)
-    if not (PROBES / "shards" / "manifest.json").exists():
-        shard.run(params)
+    ensure_shards(params)
     source = FashionMNIST(params.dataset.root)
     data = {}
     for split in ("train", "val"):
