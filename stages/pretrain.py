@@ -151,7 +151,8 @@ class Trainer:
             transform = MultiCrop(p.global_crops_scale, p.local_crops_scale, p.local_crops_number, **crop_args)
             self.collate = collate_views
         if steps_per_epoch is None:  # benchmarks pass it and feed synthetic batches instead
-            self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed)
+            self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed,
+                                       random_transform=self.batch_augment is None)
             steps_per_epoch = len(self.dataset) // (p.batch_size_per_gpu * dist.world_size)
             if steps_per_epoch == 0:
                 raise StageError(

@@ -219,6 +219,22 @@ def test_color_jitter_applies_the_per_sample_order():
     assert torch.equal(images, colour_batch())  # the input is left alone
 
 
+def test_gray_jitter_equals_three_channel_jitter():
+    """One-channel gray images take the affine form of ColorJitter; the 3-channel ops are the truth."""
+    gray = torch.rand(8, 1, 9, 7, generator=gen(3))
+    factors = torch.stack([torch.empty(8).uniform_(0.6, 1.4, generator=gen(4)),
+                           torch.empty(8).uniform_(0.6, 1.4, generator=gen(5)),
+                           torch.empty(8).uniform_(0.8, 1.2, generator=gen(6)),
+                           torch.empty(8).uniform_(-0.1, 0.1, generator=gen(7))], dim=1)
+    orders = torch.stack([torch.randperm(4, generator=gen(s)) for s in range(8)])
+    jitter = torch.tensor([True, False] * 4)
+    ours = ab.color_jitter_gray(gray, factors, orders, jitter)
+    rgb = gray.expand(-1, 3, -1, -1)
+    expected = torch.where(jitter[:, None, None, None], ab.color_jitter(rgb, factors, orders), rgb)
+    assert torch.allclose(ours.expand(-1, 3, -1, -1), expected, atol=2e-6)
+    assert torch.equal(ours[~jitter], gray[~jitter])  # untouched samples are bit-identical
+
+
 def test_grayscale_is_luma_on_three_channels():
     images = colour_batch()
     gray = ab.rgb_to_grayscale(images)
@@ -240,6 +256,32 @@ def test_blur_matches_pil_gaussian_blur(photo, sigma):
     gauss = TF.gaussian_blur(images[0], [k, k], [sigma, sigma]).permute(1, 2, 0).numpy() * 255
     if sigma >= 0.5:
         assert np.abs(gauss - pil).max() > 2 * diff.max()
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
+def test_small_images_blur_as_matrices_like_pil(photo, sigma):
+    small = np.ascontiguousarray(photo[40:88, 60:100])  # 48 x 40: the matrix path
+    images = torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255
+    assert max(images.shape[-2:]) <= ab.BLUR_MATMUL_MAX_SIDE
+    ours = ab.pil_gaussian_blur(images, torch.tensor([sigma]))
+    shifted = ab._blur_shifted_adds(images, torch.tensor([sigma]), ab.BLUR_RADIUS[1], ab.BLUR_PASSES)
+    assert torch.allclose(ours, shifted, atol=1e-6)
+    pil = np.asarray(Image.fromarray(small).filter(ImageFilter.GaussianBlur(radius=sigma))).astype(np.float64)
+    diff = np.abs(ours[0].permute(1, 2, 0).numpy() * 255 - pil)
+    assert diff.max() <= 3.0 and diff.mean() <= 0.6, (diff.max(), diff.mean())
+
+
+def test_blur_matrix_by_hand():
+    """sigma = sqrt(2/3), one pass: variance 2/3 gives box radius exactly 1 (taps 1/3, 1/3, 1/3)."""
+    one_pass = ab.blur_matrices(torch.tensor([math.sqrt(2 / 3)]), 4, sigma_max=2.0, passes=1)[0]
+    third = 1 / 3
+    expected = torch.tensor([[2 * third, third, 0, 0],  # the left edge replicated
+                             [third, third, third, 0],
+                             [0, third, third, third],
+                             [0, 0, third, 2 * third]])
+    assert torch.allclose(one_pass, expected, atol=1e-6)
+    three = ab.blur_matrices(torch.tensor([1.0, 2.0]), 10)
+    assert torch.allclose(three.sum(-1), torch.ones(2, 10), atol=1e-6)
 
 
 def test_blur_box_radius_is_pils_formula():

@@ -134,3 +134,16 @@ def test_cpu_processes_start_themselves_with_torchrun(tmp_path, shards):
     assert metrics["processes"] == 2
     assert metrics["steps"] == 18  # as one process with batch 32: 2 epochs of 300 // 32 steps
     assert (tmp_path / "models" / "teacher_backbone.pth").exists()
+
+
+def test_decode_only_samples_skip_the_per_sample_seed(shards):
+    from stages.dino.data import ShardImages, decode_uint8
+
+    seeded = ShardImages(shards, "train", decode_uint8)
+    plain = ShardImages(shards, "train", decode_uint8, random_transform=False)
+    for index in (0, 7, len(plain) - 1):
+        (a, label_a), (b, label_b) = seeded[(0, index)], plain[(0, index)]
+        assert torch.equal(a, b) and label_a == label_b
+    drawing = ShardImages(shards, "train", lambda data: torch.rand(3))
+    assert torch.equal(drawing[(1, 4)][0], drawing[(1, 4)][0])  # a random transform stays seeded
+    assert not torch.equal(drawing[(1, 4)][0], drawing[(2, 4)][0])

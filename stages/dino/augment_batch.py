@@ -81,6 +81,8 @@ JITTER_P = 0.8
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.4, 0.4, 0.2, 0.1
 GRAYSCALE_P = 0.2
 LUMA = (0.2989, 0.587, 0.114)
+#: The luma of a gray pixel x is LUMA_SUM * x (the weights sum to 0.9999, not 1).
+LUMA_SUM = sum(LUMA)
 BLUR_PASSES = 3
 #: Keys' cubic convolution parameter of PIL's (and torch's antialiased) bicubic filter.
 BICUBIC_A = -0.5
@@ -372,6 +374,38 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
     return out
 
 
+def color_jitter_gray(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                      jitter: torch.Tensor) -> torch.Tensor:
+    """`color_jitter` of gray images kept as one channel, for the samples where jitter is True.
+
+    On a gray pixel x (R = G = B) every ColorJitter operation is a per-sample affine map clamped
+    to [0, 1]: brightness f x; contrast f x + (1 - f) LUMA_SUM mean(x); saturation, the blend
+    with the luma LUMA_SUM x, (f + (1 - f) LUMA_SUM) x; hue the identity (zero chroma). So each
+    of the 4 positions is one a x + b over the batch (a = 1, b = 0 where the sample is not
+    jittered or its permutation puts hue there), not 4 masked operations.
+
+    Args:
+        images: float (B, 1, H, W) in [0, 1].
+        factors, order: as in `color_jitter`.
+        jitter: (B,) bool, ColorJitter applied.
+
+    Returns:
+        float (B, 1, H, W) in [0, 1]; equal to `color_jitter` of the 3-channel image up to
+        float rounding.
+    """
+    brightness, contrast, saturation = factors[:, 0], factors[:, 1], factors[:, 2]
+    saturation_scale = saturation + (1.0 - saturation) * LUMA_SUM
+    out = images
+    for position in range(4):
+        op = torch.where(jitter, order[:, position], 3)
+        scale = torch.where(op == 0, brightness, torch.where(
+            op == 1, contrast, torch.where(op == 2, saturation_scale, 1.0)))
+        mean = out.mean(dim=(1, 2, 3)) * LUMA_SUM
+        shift = torch.where(op == 1, (1.0 - contrast) * mean, 0.0)
+        out = (out * _per_sample(scale)).add_(_per_sample(shift)).clamp_(0.0, 1.0)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Blur and solarisation
 # --------------------------------------------------------------------------------------------
@@ -396,6 +430,40 @@ def _max_box_reach(sigma_max: float, passes: int = BLUR_PASSES) -> int:
     return int(math.floor(radius)) + 1
 
 
+#: Images up to this side are blurred with per-sample matrices (few, large kernels), larger ones
+#: with shifted adds (a matrix costs side³ per channel).
+BLUR_MATMUL_MAX_SIDE = 64
+
+
+def _box_taps(sigma: torch.Tensor, reach: int, passes: int) -> torch.Tensor:
+    """(B, reach + 1) weights of one extended-box pass at offsets 0..reach (symmetric)."""
+    radius = pil_box_radius(sigma.to(torch.float32), passes)[:, None]
+    whole = torch.floor(radius)
+    inner = 1.0 / (2.0 * radius + 1.0)
+    offsets = torch.arange(reach + 1, device=sigma.device, dtype=torch.float32)
+    return torch.where(offsets <= whole, inner,
+                       torch.where(offsets == whole + 1, (radius - whole) * inner, 0.0))
+
+
+def blur_matrices(sigma: torch.Tensor, length: int, sigma_max: float = BLUR_RADIUS[1],
+                  passes: int = BLUR_PASSES) -> torch.Tensor:
+    """(B, length, length) matrices of `passes` extended-box passes along one axis of a line.
+
+    Row i of one pass holds the tap of offset k at column clamp(i + k, 0, length - 1) (edge
+    pixels replicated, added up where several offsets clamp to the edge); the passes compose
+    as the matrix power.
+    """
+    reach = _max_box_reach(sigma_max, passes)
+    taps = _box_taps(sigma, reach, passes)
+    offsets = torch.arange(-reach, reach + 1, device=sigma.device)
+    columns = (torch.arange(length, device=sigma.device)[:, None] + offsets).clamp_(0, length - 1)
+    n = sigma.shape[0]
+    weights = taps[:, offsets.abs()][:, None, :].expand(n, length, -1)
+    one_pass = torch.zeros(n, length, length, device=sigma.device).scatter_add_(
+        2, columns.expand(n, -1, -1), weights)
+    return torch.linalg.matrix_power(one_pass, passes)
+
+
 def pil_gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, sigma_max: float = BLUR_RADIUS[1],
                       passes: int = BLUR_PASSES) -> torch.Tensor:
     """PIL's `ImageFilter.GaussianBlur(radius=sigma)` with a per-sample sigma, in float.
@@ -403,6 +471,8 @@ def pil_gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     PIL runs `passes` extended-box passes along x, then along y: each output pixel is
     ww * (sum of the 2r + 1 nearest inputs) + fw * (the next one on each side), ww = 1 / (2R + 1),
     fw = (R - r) / (2R + 1), r = floor(R), R from `pil_box_radius`; edge pixels are replicated.
+    Small images run the passes as per-sample matrices (`blur_matrices`), larger ones as shifted
+    adds; both give the same result up to float rounding.
 
     Args:
         images: float (B, C, H, W).
@@ -413,16 +483,22 @@ def pil_gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     Returns:
         float (B, C, H, W).
     """
+    height, width = images.shape[-2:]
+    if max(height, width) <= BLUR_MATMUL_MAX_SIDE:
+        rows = blur_matrices(sigma, height, sigma_max, passes)[:, None]
+        cols = rows if width == height else blur_matrices(sigma, width, sigma_max, passes)[:, None]
+        return torch.matmul(torch.matmul(rows, images), cols.transpose(-1, -2))
+    return _blur_shifted_adds(images, sigma, sigma_max, passes)
+
+
+def _blur_shifted_adds(images: torch.Tensor, sigma: torch.Tensor, sigma_max: float,
+                       passes: int) -> torch.Tensor:
+    """`pil_gaussian_blur` pass by pass with shifted adds (several times faster than a grouped
+    convolution with per-sample 1-D kernels)."""
     reach = _max_box_reach(sigma_max, passes)
-    radius = pil_box_radius(sigma.to(torch.float32), passes)[:, None]
-    whole = torch.floor(radius)
-    inner = 1.0 / (2.0 * radius + 1.0)
-    offsets = torch.arange(-reach, reach + 1, device=images.device, dtype=torch.float32).abs()
-    taps = torch.where(offsets <= whole, inner,
-                       torch.where(offsets == whole + 1, (radius - whole) * inner, 0.0))
-    # The taps are symmetric: weight k multiplies the pixels at offsets -k and +k. Shifted adds
-    # are several times faster than a grouped convolution with per-sample 1-D kernels.
-    weights = [_per_sample(taps[:, reach + k]) for k in range(reach + 1)]
+    # The taps are symmetric: weight k multiplies the pixels at offsets -k and +k.
+    taps = _box_taps(sigma, reach, passes)
+    weights = [_per_sample(taps[:, k]) for k in range(reach + 1)]
     out = images
     for dim, pad in ((-1, (reach, reach, 0, 0)), (-2, (0, 0, reach, reach))):
         length = out.shape[dim]
@@ -542,9 +618,12 @@ def render_view(source: torch.Tensor, draws: ViewDraws, size: int, resample: Res
     crop = resized_crop_matmul if resample == "matmul" else resized_crop_interpolate
     view = crop(source, draws.top, draws.left, draws.height, draws.width, size, draws.flip)
     if view.shape[1] == 1:
-        view = view.expand(-1, 3, -1, -1).contiguous()
-    view = _apply_where(draws.jitter, color_jitter, view, draws.factors, draws.order)
-    view = _apply_where(draws.gray, lambda x: rgb_to_grayscale(x).expand(-1, 3, -1, -1), view)
+        # Gray stays one channel until the normalisation (the same result, see color_jitter_gray).
+        view = color_jitter_gray(view, draws.factors, draws.order, draws.jitter)
+        view = view * _per_sample(torch.where(draws.gray, LUMA_SUM, 1.0))
+    else:
+        view = _apply_where(draws.jitter, color_jitter, view, draws.factors, draws.order)
+        view = _apply_where(draws.gray, lambda x: rgb_to_grayscale(x).expand(-1, 3, -1, -1), view)
     view = _apply_where(draws.blur, lambda x, sigma: pil_gaussian_blur(x, sigma, blur_max), view, draws.sigma)
     if draws.solarize is not None:
         view = _apply_where(draws.solarize, solarize, view)

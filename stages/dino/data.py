@@ -78,13 +78,16 @@ def index_shards(shard_dir: str | Path, split: str, verify: bool = True) -> tupl
 
 class ShardImages(Dataset):
     """Map-style view of a split. `dataset[(epoch, index)]` returns (transform(bytes), label)
-    with the transform's randomness seeded from (seed, epoch, index)."""
+    with the transform's randomness seeded from (seed, epoch, index); a transform that draws
+    nothing (`random_transform=False`, e.g. decoding only) is not seeded: that costs more than
+    decoding a small image."""
 
     def __init__(self, shard_dir: str | Path, split: str, transform: Callable, seed: int = 0,
-                 verify: bool = True):
+                 verify: bool = True, random_transform: bool = True):
         self.paths, self.entries = index_shards(shard_dir, split, verify=verify)
         self.transform = transform
         self.seed = seed
+        self.random_transform = random_transform
         self._files: dict[int, object] = {}
         self._pid = -1
 
@@ -110,18 +113,19 @@ class ShardImages(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         epoch, index = item
         data = self.read_bytes(index)
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also queues a CUDA seed with a formatted
-            # stack trace on CUDA builds (~3 ms per sample, more than decoding a small image).
-            torch.random.default_generator.manual_seed(self.sample_seed(epoch, index))
-            try:
-                views = self.transform(data)
-            except ShardError:
-                raise
-            except Exception as exc:  # name the sample, whatever the decoder raised
-                entry = self.entries[index]
-                raise ShardError(f"{self.paths[entry.shard]}: sample {entry.key!r}: {exc}") from exc
-        return views, self.entries[index].label
+        try:
+            if not self.random_transform:
+                return self.transform(data), self.entries[index].label
+            with torch.random.fork_rng(devices=[]):
+                # The CPU generator only: torch.manual_seed also queues a CUDA seed with a formatted
+                # stack trace on CUDA builds (~3 ms per sample, more than decoding a small image).
+                torch.random.default_generator.manual_seed(self.sample_seed(epoch, index))
+                return self.transform(data), self.entries[index].label
+        except ShardError:
+            raise
+        except Exception as exc:  # name the sample, whatever the decoder raised
+            entry = self.entries[index]
+            raise ShardError(f"{self.paths[entry.shard]}: sample {entry.key!r}: {exc}") from exc
 
 
 class EpochBatches(Sampler):
