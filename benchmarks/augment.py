@@ -2,11 +2,12 @@
 batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
 
     python -m benchmarks.augment [--device cpu|cuda] [--batch N] [--global-size 224]
-                                 [--local-size 96] [--local-crops 8] [--threads 1]
+                                 [--local-size 96] [--local-crops 8] [--threads 1] [--gray]
 
 Input: scikit-learn's china.jpg resized to an ImageNet-like 500 x 375 photo, JPEG-encoded. The PIL
 path decodes it and makes the crops image by image (as a DataLoader worker does); the batched path
-decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device. Prints one JSON
+decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device. `--gray` makes
+the photo grayscale (Fashion-MNIST-like one-channel input). Prints one JSON
 line: {"benchmark": "augment", "device", "torch", "config", "pil": {...}, "batched": {...},
 "images_per_second", "ms_per_batch"} (the top-level numbers are the batched path's).
 """
@@ -21,15 +22,16 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.device import device_name
 from stages.dino.augment import MultiCrop
 from stages.dino.augment_batch import BatchMultiCrop
 
 
-def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90) -> bytes:
-    """sklearn's china.jpg (else skimage's chelsea) resized to width x height, as JPEG bytes."""
+def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90, gray: bool = False) -> bytes:
+    """sklearn's china.jpg (else skimage's chelsea) resized to width x height (grayscale if gray),
+    as JPEG bytes."""
     try:
         from sklearn.datasets import load_sample_image
 
@@ -39,6 +41,8 @@ def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90) -> bytes:
 
         pixels = data.chelsea()
     img = Image.fromarray(pixels).resize((width, height), Image.BICUBIC)
+    if gray:
+        img = img.convert("L")
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -62,7 +66,8 @@ def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) ->
     torch.set_num_threads(args.threads)
     data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
     start = time.perf_counter()
-    decoded = [decode_jpeg(data) for _ in range(args.batch)]
+    mode = ImageReadMode.GRAY if args.gray else ImageReadMode.RGB
+    decoded = [decode_jpeg(data, mode=mode) for _ in range(args.batch)]
     decode_ms = 1e3 * (time.perf_counter() - start)
     images = torch.stack(decoded).to(device)
     aug = BatchMultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
@@ -100,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pil-images", type=int, default=20)
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--skip-pil", action="store_true")
+    parser.add_argument("--gray", action="store_true", help="one-channel input")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    jpeg = photo_jpeg(*args.image_size)
+    jpeg = photo_jpeg(*args.image_size, gray=args.gray)
     pil = None if args.skip_pil else time_pil(jpeg, args)
     batched = time_batched(jpeg, args, device)
     config = {"batch": args.batch, "global_size": args.global_size, "local_size": args.local_size,
               "global_crops": 2, "local_crops": args.local_crops, "image_size": list(args.image_size),
-              "threads": args.threads, "iters": args.iters}
+              "threads": args.threads, "iters": args.iters, "gray": args.gray}
     print(json.dumps({"benchmark": "augment", "device": device_name(device), "torch": torch.__version__,
                       "config": config, "pil": pil, "batched": batched,
                       "images_per_second": batched["images_per_second"],

@@ -63,13 +63,16 @@ def test_extract():
     assert positive(line["images_per_second"], line["seconds"])
 
 
-def test_augment():
+@pytest.mark.parametrize("gray", [False, True])
+def test_augment(gray):
     line = run_benchmark("augment", "--device", "cpu", "--batch", "2", "--global-size", "32",
                          "--local-size", "16", "--local-crops", "2", "--image-size", "64", "48",
-                         "--iters", "2", "--warmup", "1", "--pil-images", "2", "--min-seconds", "0")
+                         "--iters", "2", "--warmup", "1", "--pil-images", "2", "--min-seconds", "0",
+                         *(["--gray"] if gray else []))
     assert "cpu" in line["device"]
     assert line["config"] == {"batch": 2, "global_size": 32, "local_size": 16, "global_crops": 2,
-                              "local_crops": 2, "image_size": [64, 48], "threads": 1, "iters": 2}
+                              "local_crops": 2, "image_size": [64, 48], "threads": 1, "iters": 2,
+                              "gray": gray}
     assert line["pil"]["images"] >= 2
     assert positive(line["pil"]["images_per_second"], line["pil"]["ms_per_image"])
     batched = line["batched"]

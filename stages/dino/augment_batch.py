@@ -32,9 +32,14 @@ How each step matches the reference:
   runs on the batch, with the neutral factor (1, or hue shift 0) for the samples whose permutation
   puts another operation there.
 - Grayscale: ITU-R 601-2 luma (0.2989, 0.587, 0.114), copied to 3 channels.
+- Gray sources (1 channel) stay one channel until the normalisation: on a gray pixel every
+  ColorJitter operation is a per-sample affine map (hue the identity) and grayscale a scaling by
+  the luma weights' sum, so the same views cost a third of the work and a fraction of the
+  operations (`color_jitter_gray`).
 - Blur: PIL's `ImageFilter.GaussianBlur(radius)` is not a sampled Gaussian but three passes of an
   extended box filter per axis (Gwosdek et al. 2011), edge pixels replicated; the same passes run
-  here with a per-sample radius.
+  here with a per-sample radius, as shifted adds, or for views up to 64 pixels a side as one
+  per-sample matrix per axis (`blur_matrices`: few large kernels instead of many small ones).
 - Solarisation: values >= 128/255 become 1 - value (PIL `ImageOps.solarize(img, 128)`).
 
 Deviation from the reference: after the resampling, every step works in float32 instead of
