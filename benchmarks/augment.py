@@ -6,10 +6,10 @@ batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
 
 Input: scikit-learn's china.jpg resized to an ImageNet-like 500 x 375 photo, JPEG-encoded. The PIL
 path decodes it and makes the crops image by image (as a DataLoader worker does); the batched path
-decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device. `--gray` makes
-the photo grayscale (Fashion-MNIST-like one-channel input). Prints one JSON
-line: {"benchmark": "augment", "device", "torch", "config", "pil": {...}, "batched": {...},
-"images_per_second", "ms_per_batch"} (the top-level numbers are the batched path's).
+decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device; `--gray` makes
+the photo one-channel, as Fashion-MNIST is. Prints one JSON line: {"benchmark": "augment",
+"device", "torch", "config", "pil": {...}, "batched": {...}, "images_per_second", "ms_per_batch"}
+(the top-level numbers are the batched path's).
 """
 
 from __future__ import annotations
