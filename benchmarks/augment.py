@@ -1,5 +1,6 @@
-"""Throughput of DINO multi-crop: the PIL pipeline (MultiCrop, per image, one core) against the
-batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
+"""Throughput of DINO multi-crop: the PIL pipelines (per image, one core: MultiCrop, composed of
+torchvision transforms as the reference; LeanMultiCrop, the same PIL operations driven directly)
+against the batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
 
     python -m benchmarks.augment [--device cpu|cuda] [--batch N] [--global-size 224]
                                  [--local-size 96] [--local-crops 8] [--threads 1] [--gray]
@@ -8,8 +9,8 @@ Input: scikit-learn's china.jpg resized to an ImageNet-like 500 x 375 photo, JPE
 path decodes it and makes the crops image by image (as a DataLoader worker does); the batched path
 decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device; `--gray` makes
 the photo one-channel, as Fashion-MNIST is. Prints one JSON line: {"benchmark": "augment",
-"device", "torch", "config", "pil": {...}, "batched": {...}, "images_per_second", "ms_per_batch"}
-(the top-level numbers are the batched path's).
+"device", "torch", "config", "pil": {..., "lean": {...}, "lean_speedup"}, "batched": {...},
+"images_per_second", "ms_per_batch"} (the top-level numbers are the batched path's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from benchmarks.device import device_name
 from stages.dino.augment import MultiCrop
 from stages.dino.augment_batch import BatchMultiCrop
+from stages.dino.augment_lean import LeanMultiCrop, normalize_views
 
 
 def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90, gray: bool = False) -> bytes:
@@ -48,17 +50,26 @@ def photo_jpeg(width: int = 500, height: int = 375, quality: int = 90, gray: boo
     return buf.getvalue()
 
 
-def time_pil(jpeg: bytes, args: argparse.Namespace) -> dict:
-    """Images per second of MultiCrop on one core (decode included)."""
+def time_per_image(augment, jpeg: bytes, args: argparse.Namespace) -> dict:
+    """Images per second of a per-image multi-crop on one core (decode included)."""
     torch.set_num_threads(1)
-    aug = MultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
-    aug(jpeg)
+    augment(jpeg)
     n, start = 0, time.perf_counter()
     while n < args.pil_images or time.perf_counter() - start < args.min_seconds:
-        aug(jpeg)
+        augment(jpeg)
         n += 1
     elapsed = time.perf_counter() - start
     return {"images": n, "images_per_second": n / elapsed, "ms_per_image": 1e3 * elapsed / n}
+
+
+def time_pil(jpeg: bytes, args: argparse.Namespace) -> dict:
+    """MultiCrop (torchvision transforms, as the reference) and LeanMultiCrop (the pretrain stage's
+    `augment: pil`; its views normalised here on the same core, as a CPU-only run does)."""
+    crops = ((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
+    reference = time_per_image(MultiCrop(*crops), jpeg, args)
+    lean = LeanMultiCrop(*crops)
+    ours = time_per_image(lambda data: normalize_views([view[None] for view in lean(data)]), jpeg, args)
+    return reference | {"lean": ours, "lean_speedup": ours["images_per_second"] / reference["images_per_second"]}
 
 
 def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) -> dict:

@@ -86,16 +86,14 @@ def main(argv=None) -> dict:
     trainer = Trainer(params, init_distributed())
     device = trainer.device
     timed, start = 0, None
-    for step, (views, _) in enumerate(trainer.loader(0, 0)):
+    for step, (batch, _) in enumerate(trainer.loader(0, 0)):
         if step == args.warmup:
             trainer.check_losses()
             synchronize(device)
             start = time.perf_counter()
         if step == args.warmup + args.steps:
             break
-        if trainer.batch_augment is not None:
-            views = trainer.augment(views)
-        trainer.train_step(views)
+        trainer.train_step(trainer.views(batch))
         trainer.progress.global_step += 1
         timed = step - args.warmup + 1
     trainer.check_losses()

@@ -149,8 +149,9 @@ class Pretrain(Section):
     freeze_last_layer: NonNegInt = 1
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the backbones (GPU speed; same semantics)
-    # multi-crop: "pil" per sample in loader workers (the reference's pipeline), or "batch" on
-    # uint8 tensors on the training device (same distribution; for fixed-size images)
+    # multi-crop: "pil" per sample in loader workers (the reference's PIL operations, uint8 views
+    # normalised on the device), or "batch" on uint8 tensors on the training device (same
+    # distribution; for fixed-size images)
     augment: Literal["pil", "batch"] = "pil"
     # processes sharing this machine's cores when training on the CPU without a launcher (torchrun
     # or srun): the stage starts them itself with torchrun, each with cores / N threads and

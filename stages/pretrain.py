@@ -36,7 +36,7 @@ from stages.atomic import torch_save, write_json
 from stages.cli import StageError, run_stage
 from stages.distributed import DistInfo, detect_launcher, init_distributed
 from stages.dino.async_saver import AsyncCheckpointSaver
-from stages.dino.augment import MultiCrop
+from stages.dino.augment_lean import LeanMultiCrop, normalize_views
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
 from stages.dino.data import EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
@@ -148,7 +148,7 @@ class Trainer:
             transform, self.collate = decode_uint8, collate_images
         else:
             self.batch_augment = None
-            transform = MultiCrop(p.global_crops_scale, p.local_crops_scale, p.local_crops_number, **crop_args)
+            transform = LeanMultiCrop(p.global_crops_scale, p.local_crops_scale, p.local_crops_number, **crop_args)
             self.collate = collate_views
         if steps_per_epoch is None:  # benchmarks pass it and feed synthetic batches instead
             self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed,
@@ -336,6 +336,13 @@ class Trainer:
             ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
         return loss.detach()
 
+    def views(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """A loader batch as the normalised views on the device: uint8 images augmented here
+        (`augment: batch`), or the loader's uint8 views (`augment: pil`) normalised."""
+        if self.batch_augment is not None:
+            return self.augment(batch)
+        return normalize_views([view.to(self.device, non_blocking=True) for view in batch])
+
     def augment(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Batched multi-crop of uint8 images on the device; its randomness is a function of
         (seed, rank, global step), so a resumed run makes the same crops."""
@@ -384,10 +391,8 @@ class Trainer:
         with preemption.handler() as stop, self.completing_checkpoints():
             while self.progress.epoch < p.epochs:
                 epoch = self.progress.epoch
-                for views, _ in self.loader(epoch, self.progress.step_in_epoch):
-                    if self.batch_augment is not None:
-                        views = self.augment(views)
-                    self.train_step(views)
+                for batch, _ in self.loader(epoch, self.progress.step_in_epoch):
+                    self.train_step(self.views(batch))
                     self.progress.global_step += 1
                     self.progress.step_in_epoch += 1
                     step = self.progress.global_step
