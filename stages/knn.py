@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -90,6 +90,46 @@ def _check_inputs(
     return train_x, train_y, test_x, test_y, int(num_classes)
 
 
+def _rankings(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, ks: list[int],
+    temperature: float, chunk_size: int,
+) -> Iterator[tuple[slice, dict[int, np.ndarray]]]:
+    """Checked inputs → per query chunk: (its rows, {k: (rows, min(5, C)) classes, best first})."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be a non-empty list of positive integers, got {ks}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n_train = train_x.shape[0]
+    for k in ks:
+        if k > n_train:
+            logger.warning("k = %d exceeds the %d training samples; using k = %d", k, n_train, n_train)
+    k_max = min(max(ks), n_train)
+    top_m = min(5, n_classes)
+    import faiss
+
+    index = faiss.IndexFlatIP(train_x.shape[1])
+    index.add(_l2_normalise(train_x))
+    starts = range(0, test_x.shape[0], chunk_size)
+    for start in tqdm(starts, desc=f"k-NN search (k <= {k_max})", unit="chunk", disable=len(starts) < 2):
+        rows = slice(start, start + chunk_size)
+        sims, neighbours = index.search(_l2_normalise(test_x[rows]), k_max)  # (B, k_max), sorted by similarity
+        if (neighbours < 0).any():
+            raise RuntimeError("faiss returned fewer neighbours than requested")
+        neighbour_labels = train_y[neighbours]  # (B, k_max)
+        weights = np.exp(sims.astype(np.float64) / temperature)  # (B, k_max)
+        offsets = np.arange(len(sims))[:, None] * n_classes
+        rankings = {}
+        for k in ks:
+            kk = min(k, n_train)
+            flat = (offsets + neighbour_labels[:, :kk]).ravel()
+            scores = np.bincount(flat, weights[:, :kk].ravel(), minlength=len(sims) * n_classes)
+            scores = scores.reshape(len(sims), n_classes)  # (B, C)
+            rankings[k] = np.argsort(-scores, axis=1, kind="stable")[:, :top_m]  # (B, min(5, C))
+        yield rows, rankings
+
+
 def knn_classify_multi(
     train_features: Any,
     train_labels: Any,
@@ -118,50 +158,33 @@ def knn_classify_multi(
     Raises:
         ValueError: shapes, dimensions or labels are inconsistent, or k/temperature invalid.
     """
-    import faiss
-
     ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError(f"k must be a non-empty list of positive integers, got {ks}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     train_x, train_y, test_x, test_y, n_classes = _check_inputs(
         train_features, train_labels, test_features, test_labels, num_classes
     )
-    n_train, dim = train_x.shape
-    for k in ks:
-        if k > n_train:
-            logger.warning("k = %d exceeds the %d training samples; using k = %d", k, n_train, n_train)
-    k_max = min(max(ks), n_train)
-    top_m = min(5, n_classes)
-
-    index = faiss.IndexFlatIP(dim)
-    index.add(_l2_normalise(train_x))
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
-    starts = range(0, test_x.shape[0], chunk_size)
-    for start in tqdm(starts, desc=f"k-NN search (k <= {k_max})", unit="chunk", disable=len(starts) < 2):
-        queries = _l2_normalise(test_x[start : start + chunk_size])
-        targets = test_y[start : start + chunk_size]
-        sims, neighbours = index.search(queries, k_max)  # (B, k_max), sorted by similarity
-        if (neighbours < 0).any():
-            raise RuntimeError("faiss returned fewer neighbours than requested")
-        neighbour_labels = train_y[neighbours]  # (B, k_max)
-        weights = np.exp(sims.astype(np.float64) / temperature)  # (B, k_max)
-        rows = np.arange(queries.shape[0])[:, None] * n_classes
-        for k in ks:
-            kk = min(k, n_train)
-            flat = (rows + neighbour_labels[:, :kk]).ravel()
-            scores = np.bincount(flat, weights[:, :kk].ravel(), minlength=queries.shape[0] * n_classes)
-            scores = scores.reshape(queries.shape[0], n_classes)  # (B, C)
-            ranking = np.argsort(-scores, axis=1, kind="stable")[:, :top_m]  # (B, min(5, C))
-            hits = ranking == targets[:, None]
+    for rows, rankings in _rankings(train_x, train_y, test_x, n_classes, ks, temperature, chunk_size):
+        targets = test_y[rows][:, None]
+        for k, ranking in rankings.items():
+            hits = ranking == targets
             correct1[k] += int(hits[:, 0].sum())
             correct5[k] += int(hits.any(axis=1).sum())
     total = test_x.shape[0]
     return {k: {"top1": 100.0 * correct1[k] / total, "top5": 100.0 * correct5[k] / total} for k in ks}
+
+
+def knn_predict(
+    train_features: Any, train_labels: Any, test_features: Any, k: int = 20, temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """The weighted k-NN prediction (class index) of every test sample, (N_test,) int64."""
+    unlabelled = np.zeros(len(test_features), dtype=np.int64)
+    train_x, train_y, test_x, _, n_classes = _check_inputs(
+        train_features, train_labels, test_features, unlabelled, num_classes
+    )
+    return np.concatenate([rankings[int(k)][:, 0] for _, rankings in
+                           _rankings(train_x, train_y, test_x, n_classes, [int(k)], temperature, QUERY_CHUNK)])
 
 
 def knn_classify(
