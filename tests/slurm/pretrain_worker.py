@@ -26,9 +26,10 @@ def main(params_file: str, out_dir: str, steps: int) -> None:
     trainer = Trainer(params, dist)
     m = params.pretrain.center_momentum
     records = []
-    for views, _ in trainer.loader(0, 0):
+    for batch, _ in trainer.loader(0, 0):
         if len(records) == steps:
             break
+        views = trainer.views(batch)
         with torch.no_grad():  # the teacher's output of this step (teacher unchanged until the EMA)
             teacher_out = trainer.teacher(views[: params.pretrain.global_crops_number])
         center_before = trainer.loss.center.clone()
