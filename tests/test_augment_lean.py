@@ -100,17 +100,20 @@ def test_crop_boxes_follow_random_resized_crop() -> None:
     assert all(0 <= l < r <= 500 and 0 <= t < b <= 375 for l, t, r, b in ours)
 
 
-@pytest.mark.parametrize("size", [(200, 20), (20, 200), (60, 50)])
-def test_crop_fallback_is_torchvision_central_crop(size: tuple[int, int]) -> None:
-    """A scale no try can meet falls back to the central crop, as torchvision's get_params."""
-    width, height = size
-    scale = (0.99, 1.0) if size != (60, 50) else (1.0, 1.0)
-    u = np.ones(DRAWS_PER_VIEW) * 0.999  # every try: area ~ scale max, ratio 4/3 (too wide or too tall)
-    if size == (60, 50):
-        u[1::4][:10] = 0.0  # ratio 3/4 on a 6:5 image at full area: too tall every time
-    top, left, h, w = transforms.RandomResizedCrop.get_params(Image.new("RGB", size), list(scale), [3 / 4, 4 / 3]) \
-        if size != (60, 50) else (0, 0, 50, 60)
-    assert sample_view(u, width, height, scale, 0.0, 0.0).box == (left, top, left + w, top + h)
+@pytest.mark.parametrize("size, scale, u_ratio, box", [
+    ((200, 20), (0.99, 1.0), 0.999, (86, 0, 113, 20)),  # too wide: height kept, width 20 * 4/3
+    ((20, 200), (0.99, 1.0), 0.999, (0, 86, 20, 113)),  # too tall: width kept, height 20 / (3/4)
+    ((60, 50), (1.0, 1.0), 0.0, (0, 0, 60, 50)),  # ratio 3/4 at full area never fits: whole image
+])
+def test_crop_fallback_is_the_central_crop(size, scale, u_ratio, box) -> None:
+    """When no try fits, torchvision's central fallback (boxes by hand; the first two are also
+    what get_params returns, since no try can fit there whatever its draws)."""
+    u = np.full(DRAWS_PER_VIEW, 0.999)
+    u[1:40:4] = u_ratio
+    assert sample_view(u, *size, scale, 0.0, 0.0).box == box
+    if u_ratio:
+        top, left, h, w = transforms.RandomResizedCrop.get_params(Image.new("RGB", size), list(scale), [3 / 4, 4 / 3])
+        assert (left, top, left + w, top + h) == box
 
 
 def test_step_probabilities_and_ranges() -> None:

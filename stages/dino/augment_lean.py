@@ -27,8 +27,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from stages.dino.augment import BLUR_RADIUS, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, ImageInput, \
-    multicrop_views, to_rgb
+from stages.dino.augment import (
+    BLUR_RADIUS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SOLARIZE_THRESHOLD,
+    ImageInput,
+    multicrop_views,
+    to_rgb,
+)
 
 #: RandomResizedCrop: tries before the central fallback, and the aspect-ratio range (3/4, 4/3).
 CROP_TRIES = 10
