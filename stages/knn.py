@@ -95,6 +95,8 @@ def _rankings(
     temperature: float, chunk_size: int,
 ) -> Iterator[tuple[slice, dict[int, np.ndarray]]]:
     """Checked inputs → per query chunk: (its rows, {k: (rows, min(5, C)) classes, best first})."""
+    import faiss
+
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be a non-empty list of positive integers, got {ks}")
     if not temperature > 0:
@@ -107,8 +109,6 @@ def _rankings(
             logger.warning("k = %d exceeds the %d training samples; using k = %d", k, n_train, n_train)
     k_max = min(max(ks), n_train)
     top_m = min(5, n_classes)
-    import faiss
-
     index = faiss.IndexFlatIP(train_x.shape[1])
     index.add(_l2_normalise(train_x))
     starts = range(0, test_x.shape[0], chunk_size)

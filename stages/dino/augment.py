@@ -9,6 +9,10 @@ probability, solarisation probability):
     (p 1.0 global 1, 0.1 global 2, 0.5 locals) → solarise at 128 (p 0.2 global 2 only) → ToTensor →
     ImageNet mean/std normalisation.
 
+`MultiCrop` composes torchvision's transform modules exactly as the reference does; the pretrain
+stage's `augment: pil` runs `stages.dino.augment_lean.LeanMultiCrop`, the same operations and
+distribution driven without them (faster, uint8 out), and benchmarks compare the two.
+
 Randomness: every random draw, blur and solarisation included, comes from torch's global RNG
 (torchvision's transforms draw from it too; the reference draws blur and solarisation from Python's
 `random`). Seeding torch alone (`torch.manual_seed`, or the per-worker seed a DataLoader sets)
