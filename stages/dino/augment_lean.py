@@ -182,10 +182,9 @@ class LeanMultiCrop:
 def normalize_views(views: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 views (B, 3, H, W) → float32, scaled to [0, 1] and ImageNet-normalised, as ToTensor +
     Normalize compute it (divide by 255, subtract the mean, divide by the std)."""
-    out = []
-    for view in views:
-        mean = torch.tensor(IMAGENET_MEAN, device=view.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=view.device).view(1, 3, 1, 1)
-        out.append(view.float().div_(255).sub_(mean).div_(std))
-    return out
+    if not views:
+        return []
+    mean = torch.tensor(IMAGENET_MEAN, device=views[0].device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=views[0].device).view(1, 3, 1, 1)
+    return [view.float().div_(255).sub_(mean).div_(std) for view in views]
 
