@@ -29,9 +29,10 @@ SLURM_PROFILE_DIR := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake/slurm
 help:
 	@sed -n 's/^# \{0,1\}//;1,6p' Makefile
 
-# The venv, reinstalled whenever pyproject.toml changes (the stamp is older then).
+# The venv, reinstalled whenever pyproject.toml or the C extension's source changes (the stamp is
+# older then); the editable install compiles stages/dino/_pil_color.c in place (gcc).
 venv: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml stages/dino/_pil_color.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@

@@ -1,5 +1,5 @@
 """Throughput of DINO multi-crop: the PIL pipelines (per image, one core: MultiCrop, composed of
-torchvision transforms as the reference; LeanMultiCrop, the same PIL operations driven directly)
+torchvision transforms as the reference; LeanMultiCrop, the same operations in Pillow's arithmetic in C)
 against the batched tensor pipeline (BatchMultiCrop, on the CPU or a GPU).
 
     python -m benchmarks.augment [--device cpu|cuda] [--batch N] [--global-size 224]

@@ -63,7 +63,7 @@ def test_view_equals_torchvision_functions_bit_for_bit(seed: int) -> None:
                       gray=seed % 3 == 0, blur_radius=float(rng.uniform(0.1, 2.0)) if seed % 4 else None,
                       solarize=seed % 5 == 0)
     for size in (16, 24):
-        ours = np.array(render_view(img, view, size))
+        ours = render_view(np.asarray(img), view, size)
         theirs = np.array(_torchvision_view(img, view, size))
         np.testing.assert_array_equal(ours, theirs)
 
@@ -72,7 +72,7 @@ def test_negative_hue_shift_wraps_like_torchvision() -> None:
     img = _photo()
     for factor in (-0.1, -0.0031, 0.0, 0.0031, 0.1):
         view = ViewParams((0, 0, 64, 48), False, ((3, factor),), False, None, False)
-        np.testing.assert_array_equal(np.array(render_view(img, view, 32)),
+        np.testing.assert_array_equal(render_view(np.asarray(img), view, 32),
                                       np.array(TF.adjust_hue(img.resize((32, 32), Image.BICUBIC), factor)))
 
 

@@ -3,19 +3,26 @@
 
 `MultiCrop` composes torchvision transform modules as the reference does; per view that is a dozen
 module calls, ~5 scalar `torch.rand` draws, a new PIL image per step and ToTensor + Normalize as two
-float passes. Here:
+float passes, and Pillow's kernels themselves (the HSV round trip of the hue jitter, the resize,
+the blur) are most of its time. Here:
 
 - one `torch.rand` call per image draws every random number of every view (`DRAWS_PER_VIEW` each,
   a fixed count whether or not a step applies), so torch's global RNG still seeds everything;
 - `sample_view` turns a view's draws into its parameters with torchvision's formulas
   (RandomResizedCrop's 10 tries and central fallback, ColorJitter's random order and factor
-  ranges), and `render_view` applies them with the PIL calls torchvision makes (crop then bicubic
-  resize, ImageEnhance, the HSV hue shift, convert("L"), GaussianBlur, solarize);
+  ranges);
+- `render_view` applies them on uint8 arrays with `stages.dino._pil_color`, a C extension that
+  reproduces Pillow's arithmetic for each operation the reference calls (crop + bicubic resize,
+  flip, ImageEnhance's blends, the HSV hue shift, convert("L"), GaussianBlur) with faster loops:
+  table lookups for the HSV round trip, both resize passes and the blur's box passes vectorised
+  across lines; solarize is a comparison;
 - each view comes out as uint8 (C, H, W); `normalize_views` does ToTensor + Normalize once per
   stacked batch, on whatever device the batch is on (4x less to move than float32).
 
-Given the same view parameters a view equals torchvision's, bit for bit (tests/test_augment_lean.py);
-the parameters are drawn from the same distributions, not the same stream as `MultiCrop`'s.
+Given the same view parameters a view equals torchvision's PIL functions' byte for byte
+(tests/test_augment_lean.py; tests/test_pil_color.py checks each kernel against Pillow, the colour
+operations on every RGB colour); the parameters are drawn from the same distributions, not the same
+stream as `MultiCrop`'s.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from stages.dino.augment import (
     BLUR_RADIUS,
@@ -36,6 +42,7 @@ from stages.dino.augment import (
     multicrop_views,
     to_rgb,
 )
+from stages.dino._pil_color import color_jitter, gaussian_blur, normalize_planes, resized_crop
 
 #: RandomResizedCrop: tries before the central fallback, and the aspect-ratio range (3/4, 4/3).
 CROP_TRIES = 10
@@ -109,34 +116,22 @@ def sample_view(u: np.ndarray, width: int, height: int, scale: tuple[float, floa
     )
 
 
-def _shift_hue(img: Image.Image, factor: float) -> Image.Image:
-    """torchvision's PIL adjust_hue: the HSV hue channel plus int(factor * 255), modulo 256."""
-    h, s, v = img.convert("HSV").split()
-    shift = int(factor * 255) % 256
-    h = h.point([(x + shift) & 255 for x in range(256)])
-    return Image.merge("HSV", (h, s, v)).convert("RGB")
-
-
-def render_view(img: Image.Image, view: ViewParams, size: int) -> Image.Image:
-    """One view of an RGB image, as torchvision's PIL functions would make it from these parameters."""
-    out = img.crop(view.box).resize((size, size), Image.BICUBIC)
-    if view.flip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    for op, factor in view.jitter:
-        if op == 0:
-            out = ImageEnhance.Brightness(out).enhance(factor)
-        elif op == 1:
-            out = ImageEnhance.Contrast(out).enhance(factor)
-        elif op == 2:
-            out = ImageEnhance.Color(out).enhance(factor)
-        else:
-            out = _shift_hue(out, factor)
-    if view.gray:
-        out = out.convert("L").convert("RGB")
+def render_view(pixels: np.ndarray, view: ViewParams, size: int) -> np.ndarray:
+    """One view of an RGB image, given and returned as C-contiguous (H, W, 3) uint8 arrays, equal
+    byte for byte to what torchvision's PIL functions make from these parameters. Crop, resize,
+    flip, ColorJitter and grayscale run in `_pil_color` (Pillow's arithmetic in C, on arrays, without
+    an image per operation); the blur is Pillow's own GaussianBlur; solarize is a comparison."""
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    resized_crop(pixels, pixels.shape[0], pixels.shape[1], view.box, out, size, view.flip)
+    if view.jitter or view.gray:
+        factors = dict(view.jitter)
+        hue_shift = int(factors.get(3, 0.0) * 255) % 256  # torchvision: int(hue_factor * 255) as uint8
+        color_jitter(out, bytes(op for op, _ in view.jitter), factors.get(0, 1.0), factors.get(1, 1.0),
+                     factors.get(2, 1.0), hue_shift, view.gray)
     if view.blur_radius is not None:
-        out = out.filter(ImageFilter.GaussianBlur(radius=view.blur_radius))
-    if view.solarize:
-        out = ImageOps.solarize(out, threshold=SOLARIZE_THRESHOLD)
+        gaussian_blur(out, size, size, view.blur_radius)
+    if view.solarize:  # ImageOps.solarize: values at or above the threshold are inverted
+        out = np.where(out < SOLARIZE_THRESHOLD, out, 255 - out)
     return out
 
 
@@ -167,24 +162,41 @@ class LeanMultiCrop:
         return len(self.views)
 
     def __call__(self, image: ImageInput) -> list[torch.Tensor]:
-        img = to_rgb(image)
+        pixels = np.asarray(to_rgb(image))
+        height, width = pixels.shape[:2]
         draws = torch.rand(len(self.views), DRAWS_PER_VIEW, dtype=torch.float64).numpy()
         crops = []
         for (size, scale, blur_p, solarize_p), u in zip(self.views, draws):
-            view = sample_view(u, img.width, img.height, scale, blur_p, solarize_p, self.blur_radius)
-            crops.append(torch.from_numpy(np.array(render_view(img, view, size))).permute(2, 0, 1))
+            view = sample_view(u, width, height, scale, blur_p, solarize_p, self.blur_radius)
+            crops.append(torch.from_numpy(render_view(pixels, view, size)).permute(2, 0, 1))
         return crops
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(views={self.views}, blur_radius={self.blur_radius})"
 
 
+def _normalize(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """ToTensor + Normalize's arithmetic: divide by 255, subtract the mean, divide by the std."""
+    return values.float().div_(255).sub_(mean).div_(std)
+
+
 def normalize_views(views: list[torch.Tensor]) -> list[torch.Tensor]:
     """uint8 views (B, 3, H, W) → float32, scaled to [0, 1] and ImageNet-normalised, as ToTensor +
-    Normalize compute it (divide by 255, subtract the mean, divide by the std)."""
+    Normalize compute it. On the CPU through a table of that formula's 256 values per channel (one
+    lookup per element instead of four passes; the same floats)."""
     if not views:
         return []
-    mean = torch.tensor(IMAGENET_MEAN, device=views[0].device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=views[0].device).view(1, 3, 1, 1)
-    return [view.float().div_(255).sub_(mean).div_(std) for view in views]
-
+    device = views[0].device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    if device.type != "cpu":
+        return [_normalize(view, mean, std) for view in views]
+    table = _normalize(torch.arange(256, dtype=torch.uint8).expand(1, 3, 256), mean.view(1, 3, 1), std.view(1, 3, 1))
+    table = table.contiguous().numpy()
+    out = []
+    for view in views:
+        source = view.contiguous()
+        result = torch.empty(source.shape, dtype=torch.float32)
+        normalize_planes(source.numpy(), result.numpy(), table, source[0, 0].numel(), 3)
+        out.append(result)
+    return out
