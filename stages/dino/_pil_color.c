@@ -95,10 +95,10 @@ static inline int round_nonnegative(double x) {
  * - sat_of[maxc][minc]: the saturation byte;
  * - low[sat][val]: hsv2rgb's p = round(v (1 - s)), the sector's lowest channel;
  * - mid_scale[hue][sat]: the factor of v in the sector's middle channel (q or t), rounded per pixel;
- * - place[sector]: where max, middle and low go in (r, g, b). */
+ * - role_of[sector]: which of max (0), middle (1) and low (2) each of r, g, b gets. */
 static uint8_t hue_of[3][256][256], sat_of[256][256], low[256][256];
 static double mid_scale[256][256];
-static const uint8_t place[6][3] = {{0, 1, 2}, {1, 0, 2}, {1, 2, 0}, {2, 1, 0}, {2, 0, 1}, {0, 2, 1}};
+static const uint8_t role_of[6][3] = {{0, 1, 2}, {1, 0, 2}, {2, 0, 1}, {2, 1, 0}, {1, 2, 0}, {0, 2, 1}};
 
 static void build_hue_tables(void) {
     uint8_t unused;
@@ -135,17 +135,16 @@ static void shift_hue(uint8_t *px, Py_ssize_t n, uint8_t shift) {
         uint8_t maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);
         uint8_t minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
         uint8_t sat = sat_of[maxc][minc];
-        if (sat == 0) {  /* hsv2rgb: gray at the value, whatever the hue */
-            px[0] = px[1] = px[2] = maxc;
-            continue;
-        }
-        int branch = r == maxc ? 0 : g == maxc ? 1 : 2;  /* selects, not jumps: the max channel varies */
+        /* No branches on the data: selects for the max channel, and a gray pixel (sat 0) needs no
+         * case of its own, since low[0][v] = v and mid_scale[h][0] = 1 give hsv2rgb's (v, v, v). */
+        int branch = r == maxc ? 0 : g == maxc ? 1 : 2;
         uint8_t hue = hue_of[branch][maxc - (branch == 1 ? r : g)][maxc - (branch == 2 ? r : b)];
         hue = (uint8_t)(hue + shift);
-        const uint8_t *to = place[sector_of[hue]];
-        px[to[0]] = maxc;
-        px[to[1]] = clip8(round_nonnegative((double)maxc * mid_scale[hue][sat]));
-        px[to[2]] = low[sat][maxc];
+        uint8_t value[3] = {maxc, clip8(round_nonnegative((double)maxc * mid_scale[hue][sat])), low[sat][maxc]};
+        const uint8_t *role = role_of[sector_of[hue]];
+        px[0] = value[role[0]];
+        px[1] = value[role[1]];
+        px[2] = value[role[2]];
     }
 }
 
