@@ -29,10 +29,10 @@ SLURM_PROFILE_DIR := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake/slurm
 help:
 	@sed -n 's/^# \{0,1\}//;1,6p' Makefile
 
-# The venv, reinstalled whenever pyproject.toml or the C extension's source changes (the stamp is
-# older then); the editable install compiles stages/dino/_pil_color.c in place (gcc).
+# The venv, reinstalled whenever pyproject.toml or a C extension's source changes (the stamp is
+# older then); the editable install compiles them in place (gcc).
 venv: $(STAMP)
-$(STAMP): pyproject.toml stages/dino/_pil_color.c
+$(STAMP): pyproject.toml stages/dino/_pil_color.c stages/_knn_select.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@

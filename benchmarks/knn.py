@@ -1,4 +1,5 @@
-"""Weighted k-NN: our faiss search against the reference's chunked dense matmul, same inputs.
+"""Weighted k-NN: our search (bf16-certified where the CPU has AMX, else faiss; faiss timed too)
+against the reference's chunked dense matmul, same inputs.
 
     python -m benchmarks.knn --train 100000 --test 10000 --dim 384 --k 20
 
@@ -19,6 +20,7 @@ import torch
 
 from benchmarks.device import device_name
 from stages.knn import knn_predict
+from stages.knn_bf16 import MAX_DIM, has_amx
 
 
 def reference_knn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
@@ -58,18 +60,24 @@ def main(argv=None) -> dict:
     reference = reference_knn(torch.from_numpy(train), torch.from_numpy(train_labels), torch.from_numpy(test),
                               args.k, 0.07, args.classes)
     reference_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ours = knn_predict(train, train_labels, test, args.k, 0.07, args.classes)
-    ours_s = time.perf_counter() - start
+    timed = {}
+    for search in ("auto", "faiss"):
+        start = time.perf_counter()
+        timed[search] = knn_predict(train, train_labels, test, args.k, 0.07, args.classes, search=search)
+        timed[search + "_s"] = time.perf_counter() - start
+    ours, ours_s = timed["auto"], timed["auto_s"]
     result = {
         "benchmark": "knn",
         "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "config": vars(args),
+        "search": "bf16" if has_amx() and args.dim <= MAX_DIM else "faiss",
         "seconds": ours_s,
         "reference_seconds": reference_s,
         "speedup": reference_s / ours_s,
         "predictions_equal_reference": float(np.mean(ours == reference)),
+        "faiss_seconds": timed["faiss_s"],
+        "faiss_predictions_equal_reference": float(np.mean(timed["faiss"] == reference)),
         "top1": 100.0 * float(np.mean(ours == test_labels)),
         "reference_top1": 100.0 * float(np.mean(reference == test_labels)),
     }

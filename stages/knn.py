@@ -6,9 +6,12 @@ samples with the highest cosine similarity s_i to a query vote for their class w
 exp(s_i / T), and the class with the largest summed weight is the prediction. Paper defaults:
 k = 20, T = 0.07; the paper reports k in {10, 20, 100, 200}.
 
-Search is exact (faiss ``IndexFlatIP`` on the normalised features) and runs over query chunks, so
-memory is bounded by the training features plus a chunk of (chunk, k) neighbours and (chunk, C)
-class scores, never the (N_test, N_train) similarity matrix.
+Search is exact and runs over query chunks, so memory is bounded by the training features plus a
+chunk of (chunk, k) neighbours and (chunk, C) class scores, never the (N_test, N_train) similarity
+matrix. `search`: "faiss" (``IndexFlatIP`` on the normalised features, float32), "bf16"
+(`stages.knn_bf16`: candidates from a bf16 product with a proven error bound, re-ranked in float32:
+the same neighbours, ~2x faster where AMX multiplies bf16), or "auto" (bf16 on CPUs with AMX,
+else faiss).
 
 Conventions (where the reference is silent or differs):
 
@@ -19,7 +22,9 @@ Conventions (where the reference is silent or differs):
   for k < 5 ignores classes beyond the k-th; with 1000 classes and k >= 5 both agree.)
 - Ties between class scores go to the lower class index (stable sort); classes without a vote
   score 0 and rank after every voted class. Ties between neighbours of exactly equal similarity at
-  the k-th position are resolved by faiss (in practice the lower training index first).
+  the k-th position go to the lower training index (faiss in practice; the bf16 search by
+  construction). Scores that differ only in float32's last bits may rank in either order,
+  depending on the summation order, as between any two BLAS libraries.
 """
 
 from __future__ import annotations
@@ -90,13 +95,26 @@ def _check_inputs(
     return train_x, train_y, test_x, test_y, int(num_classes)
 
 
-def _rankings(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, ks: list[int],
-    temperature: float, chunk_size: int,
-) -> Iterator[tuple[slice, dict[int, np.ndarray]]]:
-    """Checked inputs → per query chunk: (its rows, {k: (rows, min(5, C)) classes, best first})."""
+def _exact_index(train: np.ndarray, search: str) -> Any:
+    """An exact inner-product index over normalised (N, D) float32 rows with faiss' `search(x, k)`."""
     import faiss
 
+    from stages.knn_bf16 import MAX_DIM, Bf16CertifiedIndex, has_amx
+
+    if search not in ("auto", "faiss", "bf16"):
+        raise ValueError(f"search must be 'auto', 'faiss' or 'bf16', got {search!r}")
+    if search == "bf16" or (search == "auto" and has_amx() and train.shape[1] <= MAX_DIM):
+        return Bf16CertifiedIndex(train)
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train)
+    return index
+
+
+def _rankings(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, ks: list[int],
+    temperature: float, chunk_size: int, search: str = "auto",
+) -> Iterator[tuple[slice, dict[int, np.ndarray]]]:
+    """Checked inputs → per query chunk: (its rows, {k: (rows, min(5, C)) classes, best first})."""
     if not ks or min(ks) < 1:
         raise ValueError(f"k must be a non-empty list of positive integers, got {ks}")
     if not temperature > 0:
@@ -109,14 +127,13 @@ def _rankings(
             logger.warning("k = %d exceeds the %d training samples; using k = %d", k, n_train, n_train)
     k_max = min(max(ks), n_train)
     top_m = min(5, n_classes)
-    index = faiss.IndexFlatIP(train_x.shape[1])
-    index.add(_l2_normalise(train_x))
+    index = _exact_index(_l2_normalise(train_x), search)
     starts = range(0, test_x.shape[0], chunk_size)
     for start in tqdm(starts, desc=f"k-NN search (k <= {k_max})", unit="chunk", disable=len(starts) < 2):
         rows = slice(start, start + chunk_size)
         sims, neighbours = index.search(_l2_normalise(test_x[rows]), k_max)  # (B, k_max), sorted by similarity
         if (neighbours < 0).any():
-            raise RuntimeError("faiss returned fewer neighbours than requested")
+            raise RuntimeError("the search returned fewer neighbours than requested")
         neighbour_labels = train_y[neighbours]  # (B, k_max)
         weights = np.exp(sims.astype(np.float64) / temperature)  # (B, k_max)
         offsets = np.arange(len(sims))[:, None] * n_classes
@@ -139,6 +156,7 @@ def knn_classify_multi(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = QUERY_CHUNK,
+    search: str = "auto",
 ) -> dict[int, dict[str, float]]:
     """Weighted k-NN accuracy for several k from one search with max(k) neighbours.
 
@@ -151,6 +169,7 @@ def knn_classify_multi(
         temperature: T in the vote weight exp(cos / T).
         num_classes: C; default max label + 1 over train and test.
         chunk_size: queries searched and scored at once (bounds memory).
+        search: "auto", "faiss" or "bf16" (module docstring).
 
     Returns:
         ``{k: {"top1": %, "top5": %}}`` for every requested k (keys as given, before clamping).
@@ -164,7 +183,7 @@ def knn_classify_multi(
     )
     correct1 = {k: 0 for k in ks}
     correct5 = {k: 0 for k in ks}
-    for rows, rankings in _rankings(train_x, train_y, test_x, n_classes, ks, temperature, chunk_size):
+    for rows, rankings in _rankings(train_x, train_y, test_x, n_classes, ks, temperature, chunk_size, search):
         targets = test_y[rows][:, None]
         for k, ranking in rankings.items():
             hits = ranking == targets
@@ -176,7 +195,7 @@ def knn_classify_multi(
 
 def knn_predict(
     train_features: Any, train_labels: Any, test_features: Any, k: int = 20, temperature: float = 0.07,
-    num_classes: int | None = None,
+    num_classes: int | None = None, search: str = "auto",
 ) -> np.ndarray:
     """The weighted k-NN prediction (class index) of every test sample, (N_test,) int64."""
     unlabelled = np.zeros(len(test_features), dtype=np.int64)
@@ -184,7 +203,8 @@ def knn_predict(
         train_features, train_labels, test_features, unlabelled, num_classes
     )
     return np.concatenate([rankings[int(k)][:, 0] for _, rankings in
-                           _rankings(train_x, train_y, test_x, n_classes, [int(k)], temperature, QUERY_CHUNK)])
+                           _rankings(train_x, train_y, test_x, n_classes, [int(k)], temperature, QUERY_CHUNK,
+                                     search)])
 
 
 def knn_classify(
