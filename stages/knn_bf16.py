@@ -16,7 +16,7 @@ bound, so they can choose candidates without losing any true neighbour:
 So the neighbours are those of an exact float32 search (the scores' last bits depend on the
 summation order, as between any two BLAS libraries). A query with more candidates than CAPACITY
 (scores crowded around its k-th) is searched exactly in float32 instead. Elsewhere (no AMX) the k-NN
-stage keeps faiss' exact float32 search.
+stage keeps faiss' exact float32 search, and below MIN_DIM dimensions too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from stages._knn_select import candidates, rerank
 
 ERROR_BOUND = 0.0125
 MAX_DIM = 8192
+#: Below this dimension the product no longer dominates and faiss is as fast ("auto" keeps faiss):
+#: 10k x 100k, k 20, on 2 cores: 1.23 s against 1.25 at D = 96, 1.27 against 1.44 at D = 128.
+MIN_DIM = 128
 #: Candidates kept per query before it falls back to the float32 search.
 CAPACITY = 4096
 #: bf16 scores held at once (bytes): bounds the query block for large training sets.
