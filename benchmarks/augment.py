@@ -10,7 +10,8 @@ path decodes it and makes the crops image by image (as a DataLoader worker does)
 decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device; `--gray` makes
 the photo one-channel, as Fashion-MNIST is. Prints one JSON line: {"benchmark": "augment",
 "device", "torch", "config", "pil": {..., "lean": {...}, "lean_speedup"}, "batched": {...},
-"images_per_second", "ms_per_batch"} (the top-level numbers are the batched path's).
+"images_per_second", "ms_per_batch", "operations"} (the top-level numbers are the batched path's;
+`--ops` adds ms per operation, Pillow against stages.dino._pil_color).
 """
 
 from __future__ import annotations
@@ -72,6 +73,53 @@ def time_pil(jpeg: bytes, args: argparse.Namespace) -> dict:
     return reference | {"lean": ours, "lean_speedup": ours["images_per_second"] / reference["images_per_second"]}
 
 
+def time_operations(jpeg: bytes) -> dict:
+    """ms per call of each multi-crop operation, Pillow (as torchvision calls it) against
+    stages.dino._pil_color, on a 224² and a 96² view of the photo (one thread)."""
+    import torchvision.transforms.functional as TF
+    from PIL import ImageEnhance, ImageFilter
+
+    from stages.dino._pil_color import color_jitter, gaussian_blur, resized_crop
+
+    torch.set_num_threads(1)
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    source = np.asarray(img)
+
+    def ms(call, repeats: int = 300) -> float:
+        call()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        return 1e3 * (time.perf_counter() - start) / repeats
+
+    result: dict = {"decode": ms(lambda: Image.open(io.BytesIO(jpeg)).convert("RGB").load())}
+    w, h = img.size  # boxes of a global and a local crop (330 x 300 and 174 x 174 of 500 x 375)
+    boxes = {224: (w // 10, h // 10, w * 76 // 100, h * 9 // 10), 96: (w // 5, h * 16 // 100, w * 548 // 1000, h * 624 // 1000)}
+    for size, box in boxes.items():
+        view = img.crop(box).resize((size, size), Image.BICUBIC)
+        pixels, work, out = np.array(view), np.array(view), np.empty((size, size, 3), np.uint8)
+
+        def ours(call):  # on a fresh copy each time, the copy timed apart
+            return ms(lambda: (np.copyto(work, pixels), call())) - ms(lambda: np.copyto(work, pixels))
+
+        def jitter(op: bytes, factors=(1.0, 1.0, 1.0), hue: int = 0, gray: bool = False):
+            return ours(lambda: color_jitter(work, op, *factors, hue, gray))
+
+        pairs = {
+            "crop+resize": (ms(lambda: img.crop(box).resize((size, size), Image.BICUBIC)),
+                            ms(lambda: resized_crop(source, *source.shape[:2], box, out, size, False))),
+            "brightness": (ms(lambda: ImageEnhance.Brightness(view).enhance(1.2)), jitter(b"\x00", (1.2, 1.0, 1.0))),
+            "contrast": (ms(lambda: ImageEnhance.Contrast(view).enhance(0.8)), jitter(b"\x01", (1.0, 0.8, 1.0))),
+            "saturation": (ms(lambda: ImageEnhance.Color(view).enhance(1.1)), jitter(b"\x02", (1.0, 1.0, 1.1))),
+            "hue": (ms(lambda: TF.adjust_hue(view, 0.05)), jitter(b"\x03", hue=12)),
+            "grayscale": (ms(lambda: view.convert("L").convert("RGB")), jitter(b"", gray=True)),
+            "blur": (ms(lambda: view.filter(ImageFilter.GaussianBlur(1.05))),
+                     ours(lambda: gaussian_blur(work, size, size, 1.05))),
+        }
+        result[str(size)] = {name: {"pil_ms": pil, "ours_ms": mine} for name, (pil, mine) in pairs.items()}
+    return result
+
+
 def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) -> dict:
     """Images per second of BatchMultiCrop on already decoded uint8 batches (decode timed apart)."""
     torch.set_num_threads(args.threads)
@@ -117,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--skip-pil", action="store_true")
     parser.add_argument("--gray", action="store_true", help="one-channel input")
+    parser.add_argument("--ops", action="store_true", help="also time each operation, Pillow against ours")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     jpeg = photo_jpeg(*args.image_size, gray=args.gray)
@@ -127,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads, "iters": args.iters, "gray": args.gray}
     print(json.dumps({"benchmark": "augment", "device": device_name(device), "torch": torch.__version__,
                       "config": config, "pil": pil, "batched": batched,
+                      "operations": time_operations(jpeg) if args.ops else None,
                       "images_per_second": batched["images_per_second"],
                       "ms_per_batch": batched["ms_per_batch"]}))
     return 0

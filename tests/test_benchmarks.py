@@ -68,7 +68,7 @@ def test_augment(gray):
     line = run_benchmark("augment", "--device", "cpu", "--batch", "2", "--global-size", "32",
                          "--local-size", "16", "--local-crops", "2", "--image-size", "64", "48",
                          "--iters", "2", "--warmup", "1", "--pil-images", "2", "--min-seconds", "0",
-                         *(["--gray"] if gray else []))
+                         *(["--gray"] if gray else ["--ops"]))
     assert "cpu" in line["device"]
     assert line["config"] == {"batch": 2, "global_size": 32, "local_size": 16, "global_crops": 2,
                               "local_crops": 2, "image_size": [64, 48], "threads": 1, "iters": 2,
@@ -81,6 +81,13 @@ def test_augment(gray):
     assert positive(batched["images_per_second"], batched["ms_per_batch"], batched["ms_per_batch_min"])
     assert line["images_per_second"] == batched["images_per_second"]
     assert line["ms_per_batch"] == batched["ms_per_batch"]
+    if not gray:
+        operations = line["operations"]
+        assert positive(operations["decode"])
+        for size in ("224", "96"):
+            assert set(operations[size]) == {"crop+resize", "brightness", "contrast", "saturation", "hue",
+                                             "grayscale", "blur"}
+            assert all(positive(times["pil_ms"]) for times in operations[size].values())
 
 
 @pytest.fixture(scope="module")
