@@ -32,7 +32,7 @@ help:
 # The venv, reinstalled whenever pyproject.toml or a C extension's source changes (the stamp is
 # older then); the editable install compiles them in place (gcc).
 venv: $(STAMP)
-$(STAMP): pyproject.toml stages/dino/_pil_color.c stages/_knn_select.c
+$(STAMP): pyproject.toml stages/dino/_pillow_ops.c stages/_knn_select.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
 	@touch $@

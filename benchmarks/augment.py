@@ -11,7 +11,7 @@ decodes a batch once (torchvision.io.decode_jpeg) and augments it on the device;
 the photo one-channel, as Fashion-MNIST is. Prints one JSON line: {"benchmark": "augment",
 "device", "torch", "config", "pil": {..., "lean": {...}, "lean_speedup"}, "batched": {...},
 "images_per_second", "ms_per_batch", "operations"} (the top-level numbers are the batched path's;
-`--ops` adds ms per operation, Pillow against stages.dino._pil_color).
+`--ops` adds ms per operation, Pillow against stages.dino._pillow_ops).
 """
 
 from __future__ import annotations
@@ -75,11 +75,11 @@ def time_pil(jpeg: bytes, args: argparse.Namespace) -> dict:
 
 def time_operations(jpeg: bytes) -> dict:
     """ms per call of each multi-crop operation, Pillow (as torchvision calls it) against
-    stages.dino._pil_color, on a 224² and a 96² view of the photo (one thread)."""
+    stages.dino._pillow_ops, on a 224² and a 96² view of the photo (one thread)."""
     import torchvision.transforms.functional as TF
     from PIL import ImageEnhance, ImageFilter
 
-    from stages.dino._pil_color import color_jitter, gaussian_blur, resized_crop
+    from stages.dino._pillow_ops import color_jitter, gaussian_blur, resized_crop
 
     torch.set_num_threads(1)
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")

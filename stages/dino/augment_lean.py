@@ -11,7 +11,7 @@ the blur) are most of its time. Here:
 - `sample_view` turns a view's draws into its parameters with torchvision's formulas
   (RandomResizedCrop's 10 tries and central fallback, ColorJitter's random order and factor
   ranges);
-- `render_view` applies them on uint8 arrays with `stages.dino._pil_color`, a C extension that
+- `render_view` applies them on uint8 arrays with `stages.dino._pillow_ops`, a C extension that
   reproduces Pillow's arithmetic for each operation the reference calls (crop + bicubic resize,
   flip, ImageEnhance's blends, the HSV hue shift, convert("L"), GaussianBlur) with faster loops:
   table lookups for the HSV round trip, both resize passes and the blur's box passes vectorised
@@ -20,7 +20,7 @@ the blur) are most of its time. Here:
   stacked batch, on whatever device the batch is on (4x less to move than float32).
 
 Given the same view parameters a view equals torchvision's PIL functions' byte for byte
-(tests/test_augment_lean.py; tests/test_pil_color.py checks each kernel against Pillow, the colour
+(tests/test_augment_lean.py; tests/test_pillow_ops.py checks each kernel against Pillow, the colour
 operations on every RGB colour); the parameters are drawn from the same distributions, not the same
 stream as `MultiCrop`'s.
 """
@@ -42,7 +42,7 @@ from stages.dino.augment import (
     multicrop_views,
     to_rgb,
 )
-from stages.dino._pil_color import color_jitter, gaussian_blur, normalize_planes, resized_crop
+from stages.dino._pillow_ops import color_jitter, gaussian_blur, normalize_planes, resized_crop
 
 #: RandomResizedCrop: tries before the central fallback, and the aspect-ratio range (3/4, 4/3).
 CROP_TRIES = 10
@@ -119,7 +119,7 @@ def sample_view(u: np.ndarray, width: int, height: int, scale: tuple[float, floa
 def render_view(pixels: np.ndarray, view: ViewParams, size: int) -> np.ndarray:
     """One view of an RGB image, given and returned as C-contiguous (H, W, 3) uint8 arrays, equal
     byte for byte to what torchvision's PIL functions make from these parameters. Crop, resize,
-    flip, ColorJitter and grayscale run in `_pil_color` (Pillow's arithmetic in C, on arrays, without
+    flip, ColorJitter and grayscale run in `_pillow_ops` (Pillow's arithmetic in C, on arrays, without
     an image per operation); the blur is Pillow's own GaussianBlur; solarize is a comparison."""
     out = np.empty((size, size, 3), dtype=np.uint8)
     resized_crop(pixels, pixels.shape[0], pixels.shape[1], view.box, out, size, view.flip)

@@ -1,12 +1,14 @@
-/* ColorJitter and RandomGrayscale of one RGB view, in place, with Pillow's arithmetic.
+/* The per-view operations of DINO's multi-crop with Pillow's arithmetic, on uint8 HxWx3 arrays
+ * (stages/dino/augment_lean.py): crop + bicubic resize (+ mirror), ColorJitter's four operations,
+ * RandomGrayscale, GaussianBlur, and the uint8 -> float normalisation by table.
  *
- * torchvision's PIL path (what the reference runs) makes a new image per operation: Brightness,
- * Contrast and Color are Image.blend with a degenerate image, hue is a round trip RGB -> HSV ->
- * RGB with the hue channel shifted, grayscale is convert("L").convert("RGB"). Here the same
- * per-pixel formulas run on the view's own HxWx3 uint8 buffer, one pass per operation, with the
- * same float and double intermediates and the same truncations and clips, so the result equals
- * Pillow's byte for byte (tests/test_pil_color.py checks every RGB colour against Pillow).
- * Built without -ffp-contract so that no multiply-add is fused (Pillow's x86-64 wheels fuse none).
+ * torchvision's PIL path (what the reference runs) makes a new image per operation and Pillow's
+ * kernels are scalar and 4 bytes per pixel. Here the same formulas run with the same float,
+ * double and fixed-point intermediates, truncations and clips, so every result equals Pillow's
+ * byte for byte (tests/test_pillow_ops.py: every RGB colour for the colour operations, random boxes
+ * and radii for the rest), but as table lookups (the HSV round trip) and as loops over whole lines
+ * that vectorise (resize, blur). Built without -ffp-contract, so that no multiply-add is fused
+ * (Pillow's x86-64 wheels fuse none).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -544,9 +546,9 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pil_color", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pillow_ops", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__pil_color(void) {
+PyMODINIT_FUNC PyInit__pillow_ops(void) {
     build_hue_tables();
     for (int hue = 0; hue < 256; hue++) {
         int sector;

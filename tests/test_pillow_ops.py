@@ -1,4 +1,4 @@
-"""stages.dino._pil_color (C) against Pillow itself: every colour for the colour operations, random
+"""stages.dino._pillow_ops (C) against Pillow itself: every colour for the colour operations, random
 crops, sizes and radii for the resize and the blur; byte for byte, since LeanMultiCrop's views must
 equal the reference's (torchvision's PIL functions) given the same parameters."""
 
@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageFilter
 
-from stages.dino._pil_color import color_jitter, gaussian_blur, normalize_planes, resized_crop
+from stages.dino._pillow_ops import color_jitter, gaussian_blur, normalize_planes, resized_crop
 from stages.dino.augment_lean import _normalize, normalize_views
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
