@@ -36,6 +36,8 @@ rule knn:
     input:
         code=[
             "stages/knn.py",
+            "stages/knn_bf16.py",
+            "stages/_knn_select.c",
             "stages/features.py",
             "stages/extract.py",
             "stages/dino",
