@@ -19,6 +19,7 @@ if [ -d .fmnist ]; then
   mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/*.gz /usr/share/datasets/fashion-mnist/
 fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 RECIPE_PROBES=${RECIPE_PROBES:-/tmp/probes}
+bash benchmarks/build_ext.sh || echo "C extensions not built (no gcc or Python headers?): augment: pil and the bf16 k-NN unavailable" >&2
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } >"$OUT/gpu.txt" 2>&1
 nvidia-smi dmon -s um -d 5 >"$OUT/dmon.txt" 2>&1 &

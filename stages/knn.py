@@ -99,12 +99,17 @@ def _exact_index(train: np.ndarray, search: str) -> Any:
     """An exact inner-product index over normalised (N, D) float32 rows with faiss' `search(x, k)`."""
     import faiss
 
-    from stages.knn_bf16 import MAX_DIM, MIN_DIM, Bf16CertifiedIndex, has_amx
-
     if search not in ("auto", "faiss", "bf16"):
         raise ValueError(f"search must be 'auto', 'faiss' or 'bf16', got {search!r}")
-    if search == "bf16" or (search == "auto" and has_amx() and MIN_DIM <= train.shape[1] <= MAX_DIM):
-        return Bf16CertifiedIndex(train)
+    try:
+        from stages.knn_bf16 import MAX_DIM, MIN_DIM, Bf16CertifiedIndex, has_amx
+    except ImportError:  # the C extension stages._knn_select is not built (a bare source tree)
+        if search == "bf16":
+            raise
+        logger.warning("stages._knn_select is not built (`pip install -e .` compiles it); searching with faiss")
+    else:
+        if search == "bf16" or (search == "auto" and has_amx() and MIN_DIM <= train.shape[1] <= MAX_DIM):
+            return Bf16CertifiedIndex(train)
     index = faiss.IndexFlatIP(train.shape[1])
     index.add(train)
     return index

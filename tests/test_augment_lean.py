@@ -168,3 +168,16 @@ def test_bad_arguments_name_the_class() -> None:
         LeanMultiCrop(global_crops_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="cannot decode image"):
         LeanMultiCrop()(b"not an image")
+
+
+def test_a_missing_extension_is_named_with_its_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing the module needs no extension (the pretrain stage imports it for every run);
+    using LeanMultiCrop without one says how to build it."""
+    import sys
+
+    import stages.dino
+
+    monkeypatch.delattr(stages.dino, "_pillow_ops", raising=False)
+    monkeypatch.setitem(sys.modules, "stages.dino._pillow_ops", None)
+    with pytest.raises(ImportError, match="not built: `pip install -e .`"):
+        LeanMultiCrop(local_crops_number=1, global_size=16, local_size=8)(_photo())

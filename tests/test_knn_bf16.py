@@ -5,6 +5,8 @@ AMX), so these run everywhere."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,16 @@ def test_bad_arguments() -> None:
         Bf16CertifiedIndex(np.eye(4, 3, dtype=np.float32)).search(np.eye(1, 3, dtype=np.float32), 5)
     with pytest.raises(ValueError, match="candidates: expected"):
         candidates(np.zeros(10, np.int16), 1, 20, 1, 0.0, np.empty((1, 4), np.int32), np.empty(1, np.int32))
+
+
+def test_without_the_extension_auto_searches_with_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source tree where stages._knn_select was never compiled still runs the k-NN (faiss)."""
+    import faiss
+
+    from stages.knn import _exact_index
+
+    monkeypatch.setitem(sys.modules, "stages.knn_bf16", None)  # its import now raises ImportError
+    train = _unit(np.random.default_rng(0).normal(size=(50, 256)))
+    assert isinstance(_exact_index(train, "auto"), faiss.IndexFlatIP)
+    with pytest.raises(ImportError):
+        _exact_index(train, "bf16")

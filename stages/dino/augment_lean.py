@@ -42,7 +42,6 @@ from stages.dino.augment import (
     multicrop_views,
     to_rgb,
 )
-from stages.dino._pillow_ops import color_jitter, gaussian_blur, normalize_planes, resized_crop
 
 #: RandomResizedCrop: tries before the central fallback, and the aspect-ratio range (3/4, 4/3).
 CROP_TRIES = 10
@@ -54,6 +53,17 @@ JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 #: Uniforms per view: 4 per crop try (area, log-ratio, top, left), flip, jitter p, 4 for the jitter
 #: order, 4 factors, grayscale, blur p, blur radius, solarize.
 DRAWS_PER_VIEW = 4 * CROP_TRIES + 14
+
+
+def pillow_ops():
+    """The C extension stages.dino._pillow_ops, imported on first use so that modules importing
+    this one (the pretrain stage) load where it was not built and never used (`augment: batch`)."""
+    try:
+        from stages.dino import _pillow_ops
+    except ImportError as err:
+        raise ImportError("the C extension stages.dino._pillow_ops is not built: `pip install -e .` (make venv) "
+                          "compiles it, or `bash benchmarks/build_ext.sh` in a source tree") from err
+    return _pillow_ops
 
 
 @dataclass(frozen=True)
@@ -121,15 +131,16 @@ def render_view(pixels: np.ndarray, view: ViewParams, size: int) -> np.ndarray:
     byte for byte to what torchvision's PIL functions make from these parameters. Crop, resize,
     flip, ColorJitter and grayscale run in `_pillow_ops` (Pillow's arithmetic in C, on arrays, without
     an image per operation); the blur is Pillow's own GaussianBlur; solarize is a comparison."""
+    ops = pillow_ops()
     out = np.empty((size, size, 3), dtype=np.uint8)
-    resized_crop(pixels, pixels.shape[0], pixels.shape[1], view.box, out, size, view.flip)
+    ops.resized_crop(pixels, pixels.shape[0], pixels.shape[1], view.box, out, size, view.flip)
     if view.jitter or view.gray:
         factors = dict(view.jitter)
         hue_shift = int(factors.get(3, 0.0) * 255) % 256  # torchvision: int(hue_factor * 255) as uint8
-        color_jitter(out, bytes(op for op, _ in view.jitter), factors.get(0, 1.0), factors.get(1, 1.0),
+        ops.color_jitter(out, bytes(op for op, _ in view.jitter), factors.get(0, 1.0), factors.get(1, 1.0),
                      factors.get(2, 1.0), hue_shift, view.gray)
     if view.blur_radius is not None:
-        gaussian_blur(out, size, size, view.blur_radius)
+        ops.gaussian_blur(out, size, size, view.blur_radius)
     if view.solarize:  # ImageOps.solarize: values at or above the threshold are inverted
         out = np.where(out < SOLARIZE_THRESHOLD, out, 255 - out)
     return out
@@ -197,6 +208,6 @@ def normalize_views(views: list[torch.Tensor]) -> list[torch.Tensor]:
     for view in views:
         source = view.contiguous()
         result = torch.empty(source.shape, dtype=torch.float32)
-        normalize_planes(source.numpy(), result.numpy(), table, source[0, 0].numel(), 3)
+        pillow_ops().normalize_planes(source.numpy(), result.numpy(), table, source[0, 0].numel(), 3)
         out.append(result)
     return out
