@@ -129,8 +129,8 @@ def sample_view(u: np.ndarray, width: int, height: int, scale: tuple[float, floa
 def render_view(pixels: np.ndarray, view: ViewParams, size: int) -> np.ndarray:
     """One view of an RGB image, given and returned as C-contiguous (H, W, 3) uint8 arrays, equal
     byte for byte to what torchvision's PIL functions make from these parameters. Crop, resize,
-    flip, ColorJitter and grayscale run in `_pillow_ops` (Pillow's arithmetic in C, on arrays, without
-    an image per operation); the blur is Pillow's own GaussianBlur; solarize is a comparison."""
+    flip, ColorJitter, grayscale and blur run in `_pillow_ops` (Pillow's arithmetic in C, on arrays,
+    without an image per operation); solarize is a comparison."""
     ops = pillow_ops()
     out = np.empty((size, size, 3), dtype=np.uint8)
     ops.resized_crop(pixels, pixels.shape[0], pixels.shape[1], view.box, out, size, view.flip)
@@ -138,7 +138,7 @@ def render_view(pixels: np.ndarray, view: ViewParams, size: int) -> np.ndarray:
         factors = dict(view.jitter)
         hue_shift = int(factors.get(3, 0.0) * 255) % 256  # torchvision: int(hue_factor * 255) as uint8
         ops.color_jitter(out, bytes(op for op, _ in view.jitter), factors.get(0, 1.0), factors.get(1, 1.0),
-                     factors.get(2, 1.0), hue_shift, view.gray)
+                         factors.get(2, 1.0), hue_shift, view.gray)
     if view.blur_radius is not None:
         ops.gaussian_blur(out, size, size, view.blur_radius)
     if view.solarize:  # ImageOps.solarize: values at or above the threshold are inverted
