@@ -208,7 +208,8 @@ static PyObject *color_jitter(PyObject *self, PyObject *args) {
 
 /* ---- Crop, bicubic resize and optional mirror: Pillow's Resample.c arithmetic ----
  *
- * Pillow resamples in two passes, horizontal then vertical, each a convolution with Keys' cubic
+ * Pillow resamples in two passes (horizontal then vertical, or the reverse: crop_resize), each a
+ * convolution with Keys' cubic
  * (a = -0.5) widened by the downscale factor, its taps normalised in double and then rounded to
  * 22-bit fixed point, each output rounded to 8 bits. The taps come from the same double formulas
  * here; the sums are integers, so their order is free: each pass runs as "rows of taps" over
@@ -260,8 +261,8 @@ static int resample_taps(int in_size, int out_size, int **bounds_out, int32_t **
     return ksize;
 }
 
-/* out row j = clip8(sum_t in row (bounds[2j] + t) * taps[j][t]), rows of `len` bytes; out row j
- * goes to position order[j] (a mirror writes the rows in reverse). */
+/* out row j = clip8(sum_t in row (bounds[2j] + t) * taps[j][t]), rows of `len` bytes; a mirror
+ * (`reverse`) writes the rows in reverse order. */
 __attribute__((target_clones("avx2", "default")))
 static void convolve_rows(const uint8_t *in, Py_ssize_t in_stride, uint8_t *out, Py_ssize_t out_stride,
                           Py_ssize_t len, int out_rows, int reverse, const int *bounds, const int32_t *taps,
