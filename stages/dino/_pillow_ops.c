@@ -210,9 +210,10 @@ static PyObject *color_jitter(PyObject *self, PyObject *args) {
  *
  * Pillow resamples in two passes (horizontal then vertical, or the reverse: crop_resize), each a
  * convolution with Keys' cubic (a = -0.5) widened by the downscale factor, its taps normalised in
- * double and then rounded to 22-bit fixed point, each output rounded to 8 bits. The taps come from the same double formulas
- * here; the sums are integers, so their order is free: each pass runs as "rows of taps" over
- * whole contiguous lines (vectorised), the horizontal one on the transposed crop. */
+ * double and then rounded to 22-bit fixed point, each output rounded to 8 bits. The taps come from
+ * the same double formulas here; the sums are integers, so their order is free: each pass runs as
+ * "rows of taps" over whole contiguous lines (vectorised), the horizontal one on the transposed
+ * crop. */
 #define PRECISION_BITS (32 - 8 - 2)
 
 static double bicubic(double x) {
