@@ -97,8 +97,9 @@ static inline int round_nonnegative(double x) {
  * - sat_of[maxc][minc]: the saturation byte;
  * - low[sat][val]: hsv2rgb's p = round(v (1 - s)), the sector's lowest channel;
  * - mid_scale[hue][sat]: the factor of v in the sector's middle channel (q or t), rounded per pixel;
+ * - sector_of[hue]: hsv2rgb's sector (6 acting as 0);
  * - role_of[sector]: which of max (0), middle (1) and low (2) each of r, g, b gets. */
-static uint8_t hue_of[3][256][256], sat_of[256][256], low[256][256];
+static uint8_t hue_of[3][256][256], sat_of[256][256], low[256][256], sector_of[256];
 static double mid_scale[256][256];
 static const uint8_t role_of[6][3] = {{0, 1, 2}, {1, 0, 2}, {2, 0, 1}, {2, 1, 0}, {1, 2, 0}, {0, 2, 1}};
 
@@ -125,11 +126,10 @@ static void build_hue_tables(void) {
             float frac;
             pillow_sector(hue, &sector, &frac);
             mid_scale[hue][sat] = sector % 2 ? 1.0 - fs * frac : 1.0 - fs * (1.0 - frac);
+            sector_of[hue] = sector % 6;
         }
     }
 }
-
-static uint8_t sector_of[256];
 
 static void shift_hue(uint8_t *px, Py_ssize_t n, uint8_t shift) {
     for (Py_ssize_t i = 0; i < n; i++, px += 3) {
@@ -277,10 +277,7 @@ static void convolve_rows(const uint8_t *in, Py_ssize_t in_stride, uint8_t *out,
             for (Py_ssize_t i = 0; i < len; i++) acc[i] += row[i] * c;
         }
         uint8_t *o = out + (reverse ? out_rows - 1 - j : j) * out_stride;
-        for (Py_ssize_t i = 0; i < len; i++) {
-            int32_t v = acc[i] >> PRECISION_BITS;
-            o[i] = v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
-        }
+        for (Py_ssize_t i = 0; i < len; i++) o[i] = clip8(acc[i] >> PRECISION_BITS);
     }
 }
 
@@ -551,11 +548,5 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pillow_ops", NULL, 
 
 PyMODINIT_FUNC PyInit__pillow_ops(void) {
     build_hue_tables();
-    for (int hue = 0; hue < 256; hue++) {
-        int sector;
-        float frac;
-        pillow_sector(hue, &sector, &frac);
-        sector_of[hue] = sector % 6;
-    }
     return PyModule_Create(&module);
 }
