@@ -1,7 +1,9 @@
 """CUDA checks that CPU tests cannot make (run on a GPU machine; prints one JSON line).
 
 1. One training step on CUDA in fp32 equals the same step on the CPU (loss, center, teacher).
-2. The tiny DAG through the stage functions on CUDA with bf16 and batched augmentation:
+2. Ten steps recorded and replayed as CUDA graphs (`pretrain.cuda_graphs`; two epochs, so both
+   graphs, last layer frozen and not) equal ten eager steps on CUDA (fp32, no stochastic depth).
+3. The tiny DAG through the stage functions on CUDA with bf16 and batched augmentation:
    shard → pretrain → extract → knn, loss finite, k-NN above chance.
 
     python -m benchmarks.cuda_check [--workdir DIR]
@@ -37,6 +39,27 @@ def one_step(raw: dict, device: str, views: list[torch.Tensor]) -> dict:
             "teacher": {k: v.cpu() for k, v in trainer.teacher.state_dict().items()}}
 
 
+def ten_steps(raw: dict, cuda_graphs: bool) -> dict:
+    """Ten fp32 steps on CUDA over two epochs of 5 (new views every step, no stochastic depth)."""
+    raw = copy.deepcopy(raw)
+    raw["model"]["drop_path_rate"] = 0.0
+    raw["pretrain"].update(device="cuda", precision="fp32", cuda_graphs=cuda_graphs, epochs=2)
+    trainer = pretrain.Trainer(validate_params(raw), init_distributed(), steps_per_epoch=5)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for it in range(10):
+        trainer.progress.epoch = it // 5
+        views = [torch.randn(32, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(32, 3, 8, 8, generator=g) for _ in range(2)]
+        losses.append(trainer.train_step(views))
+        trainer.progress.global_step += 1
+    return {"losses": [float(loss) for loss in losses], "center": trainer.loss.center.cpu(),
+            "teacher": {k: v.cpu() for k, v in trainer.teacher.state_dict().items()}}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cuda_check")
     parser.add_argument("--workdir", default=None)
@@ -48,7 +71,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(32, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(32, 3, 8, 8, generator=g) for _ in range(2)]
     cpu, gpu = one_step(raw, "cpu", views), one_step(raw, "cuda", views)
-    teacher_diff = max(float((cpu["teacher"][k].float() - gpu["teacher"][k].float()).abs().max()) for k in cpu["teacher"])
+    teacher_diff = max_diff(cpu["teacher"], gpu["teacher"])
     result = {
         "benchmark": "cuda_check",
         "device": device_name(torch.device("cuda")),
@@ -57,6 +80,15 @@ def main(argv=None) -> dict:
         "step_center_max_diff": float((cpu["center"] - gpu["center"]).abs().max()),
         "step_teacher_max_diff": teacher_diff,
     }
+    try:
+        eager, graphed = ten_steps(raw, False), ten_steps(raw, True)
+        result |= {
+            "graphs_losses_eager": eager["losses"], "graphs_losses_graphed": graphed["losses"],
+            "graphs_center_max_diff": float((eager["center"] - graphed["center"]).abs().max()),
+            "graphs_teacher_max_diff": max_diff(eager["teacher"], graphed["teacher"]),
+        }
+    except Exception as exc:  # report and go on to the DAG check
+        result["graphs_error"] = repr(exc)
     raw["pretrain"].update(device="cuda", precision="bf16", augment="batch", epochs=4)
     raw["extract"].update(device="cuda")
     params = validate_params(raw)

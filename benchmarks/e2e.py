@@ -22,6 +22,7 @@ from PIL import Image
 
 from benchmarks.device import device_name, peak_memory_gib, synchronize
 from stages import shard
+from stages.dino.graphed_step import WARM_STEPS
 from stages.distributed import init_distributed
 from stages.params import validate_params
 from stages.pretrain import Trainer
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="record the step as a CUDA graph")
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=96)
     parser.add_argument("--embed-dim", type=int, default=None, help="tiny CPU smoke runs")
@@ -76,7 +78,8 @@ def main(argv=None) -> dict:
         "model": {"arch": args.arch, "patch_size": args.patch, "img_size": args.global_size,
                   "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads},
         "pretrain": {"batch_size_per_gpu": args.batch, "num_workers": args.workers, "augment": args.augment,
-                     "compile": args.compile, "warmup_epochs": 0, "epochs": 1, "out_dim": args.out_dim,
+                     "compile": args.compile, "cuda_graphs": args.cuda_graphs, "warmup_epochs": 0,
+                     "epochs": 1, "out_dim": args.out_dim,
                      "global_crops_size": args.global_size, "local_crops_size": args.local_size,
                      "local_crops_number": args.local_crops},
     }
@@ -86,16 +89,17 @@ def main(argv=None) -> dict:
     trainer = Trainer(params, init_distributed())
     device = trainer.device
     timed, start = 0, None
+    warmup = max(args.warmup, WARM_STEPS + 2) if args.cuda_graphs else args.warmup  # recording untimed
     for step, (batch, _) in enumerate(trainer.loader(0, 0)):
-        if step == args.warmup:
+        if step == warmup:
             trainer.check_losses()
             synchronize(device)
             start = time.perf_counter()
-        if step == args.warmup + args.steps:
+        if step == warmup + args.steps:
             break
         trainer.train_step(trainer.views(batch))
         trainer.progress.global_step += 1
-        timed = step - args.warmup + 1
+        timed = step - warmup + 1
     trainer.check_losses()
     synchronize(device)
     seconds = time.perf_counter() - start

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared device run (one call of the device tool): CUDA checks, then every GPU benchmark,
 # each under its own time limit, one JSON line each into $OUT/bench.jsonl (failures recorded too).
-#   device run: bash benchmarks/gpu_suite.sh   (carry: .whl)
+# One that would run past DEADLINE seconds (default 570) is skipped and recorded as such.
+#   device run: bash benchmarks/gpu_suite.sh [DEADLINE]   (carry: .whl)
 # The device image has torch but not pydantic, timm 1.0.31 or faiss: download their Python 3.12
 # wheels here first (git-ignored via .git/info/exclude):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -9,6 +10,7 @@
 #     -d .whl pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #     faiss-cpu==1.15.1 timm==1.0.31
 set -u
+DEADLINE=${1:-570}
 OUT=${OUT:-/tmp/dino-bench}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,6 +27,10 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 bench() {  # bench SECONDS NAME MODULE ARGS...
   local limit=$1 name=$2; shift 2
   local start=$SECONDS
+  if [ $((SECONDS + limit)) -gt "$DEADLINE" ]; then
+    echo "{\"name\": \"$name\", \"skipped\": true}" >>"$OUT/bench.jsonl"
+    return
+  fi
   if ! timeout "$limit" python3 -m "$@" >"$OUT/$name.json" 2>>"$OUT/log.txt"; then
     echo "{\"benchmark\": \"$name\", \"failed\": true, \"rc\": $?}" >"$OUT/$name.json"
   fi
@@ -33,15 +39,24 @@ bench() {  # bench SECONDS NAME MODULE ARGS...
 }
 
 bench 120 cuda_check benchmarks.cuda_check
-bench 60 step_s16_b64 benchmarks.step --arch vit_small --patch 16 --batch 64
-bench 60 step_s16_b256 benchmarks.step --arch vit_small --patch 16 --batch 256 --steps 10
-bench 60 step_b16_b64 benchmarks.step --arch vit_base --patch 16 --batch 64
-bench 60 step_s8_b32 benchmarks.step --arch vit_small --patch 8 --batch 32 --steps 10
+# each step eager, then recorded as a CUDA graph (pretrain.cuda_graphs)
+for graphs in "" "--cuda-graphs"; do
+  bench 60 step_s16_b64${graphs:+_graphs} benchmarks.step --arch vit_small --patch 16 --batch 64 $graphs
+done
+for graphs in "" "--cuda-graphs"; do
+  bench 60 step_s16_b256${graphs:+_graphs} benchmarks.step --arch vit_small --patch 16 --batch 256 --steps 10 $graphs
+done
+for graphs in "" "--cuda-graphs"; do
+  bench 60 step_b16_b64${graphs:+_graphs} benchmarks.step --arch vit_base --patch 16 --batch 64 $graphs
+done
+for graphs in "" "--cuda-graphs"; do
+  bench 60 step_s8_b32${graphs:+_graphs} benchmarks.step --arch vit_small --patch 8 --batch 32 --steps 10 $graphs
+done
+bench 150 e2e_s16_pil16_graphs benchmarks.e2e --images 2048 --workers 16 --augment pil --workdir /tmp/e2e --steps 20 --cuda-graphs
 bench 45 extract_s16 benchmarks.extract --arch vit_small --patch 16 --batch 512 --batches 20
 bench 45 extract_s8 benchmarks.extract --arch vit_small --patch 8 --batch 256 --batches 10
 bench 45 augment_cuda benchmarks.augment --device cuda --batch 64 --pil-images 40
-bench 150 e2e_s16_pil16 benchmarks.e2e --images 2048 --workers 16 --augment pil --workdir /tmp/e2e --steps 20
-bench 90 e2e_s16_batch4 benchmarks.e2e --images 2048 --workers 4 --augment batch --workdir /tmp/e2e --steps 20
+bench 90 e2e_s16_batch4_graphs benchmarks.e2e --images 2048 --workers 4 --augment batch --workdir /tmp/e2e --steps 20 --cuda-graphs
 bench 60 knn_16cores benchmarks.knn --train 100000 --test 10000
 bench 150 step_s16_b64_compile benchmarks.step --arch vit_small --patch 16 --batch 64 --compile
 tail -n 40 "$OUT/log.txt" > "$OUT/log_tail.txt"

@@ -1,7 +1,7 @@
 """Throughput of one DINO training step (student fwd+bwd, teacher fwd, loss, clip, AdamW, EMA) on
 synthetic device-resident crops, through the same Trainer.train_step that pretraining runs.
 
-    python -m benchmarks.step --arch vit_small --patch 16 --batch 64 [--compile] [--device cuda]
+    python -m benchmarks.step --arch vit_small --patch 16 --batch 64 [--compile] [--cuda-graphs] [--device cuda]
 
 Prints one JSON line: device, torch version, config, img/s, ms/step, peak memory, MFU.
 """
@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.device import bf16_peak, device_name, peak_memory_gib, synchronize
+from stages.dino.graphed_step import WARM_STEPS
 from stages.distributed import init_distributed
 from stages.params import validate_params
 from stages.pretrain import Trainer
@@ -35,6 +36,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="record the step as a CUDA graph")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -57,10 +59,15 @@ def main(argv=None) -> dict:
         "pretrain": {"batch_size_per_gpu": args.batch, "out_dim": args.out_dim,
                      "global_crops_size": args.global_size, "local_crops_size": args.local_size,
                      "local_crops_number": args.local_crops, "precision": args.precision,
-                     "compile": args.compile, "device": args.device, "warmup_epochs": 0},
+                     "compile": args.compile, "cuda_graphs": args.cuda_graphs, "device": args.device,
+                     "warmup_epochs": 0},
     })
+    # Model FLOPs from an eager step: the first with CUDA graphs (later ones are replays the
+    # counter cannot see), else one after the warm-up (torch.compile has compiled by then).
+    warmup = max(args.warmup, WARM_STEPS + 2) if args.cuda_graphs else args.warmup
+    counted = 0 if args.cuda_graphs else warmup
     dist = init_distributed()
-    trainer = Trainer(params, dist, steps_per_epoch=args.warmup + args.steps + 1)
+    trainer = Trainer(params, dist, steps_per_epoch=warmup + args.steps + 1)
     device = trainer.device
     views = synthetic_views(args, device)
 
@@ -68,15 +75,16 @@ def main(argv=None) -> dict:
         trainer.train_step(views)
         trainer.progress.global_step += 1
 
-    for _ in range(args.warmup):
-        step()
-    trainer.check_losses()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
+    for index in range(warmup + 1):
+        if index == counted:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        else:
+            step()
     trainer.check_losses()
     synchronize(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.cuda_graphs:  # a replay allocates nothing: keep the recording's peak
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(args.steps):

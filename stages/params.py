@@ -149,6 +149,9 @@ class Pretrain(Section):
     freeze_last_layer: NonNegInt = 1
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False  # torch.compile the backbones (GPU speed; same semantics)
+    # record the whole step as one CUDA graph and replay it (GPU speed: no per-kernel host cost;
+    # same semantics; one process, AdamW, bf16/fp32)
+    cuda_graphs: bool = False
     # multi-crop: "pil" per sample in loader workers (the reference's PIL operations, uint8 views
     # normalised on the device), or "batch" on uint8 tensors on the training device (same
     # distribution; for fixed-size images)

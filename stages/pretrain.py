@@ -40,6 +40,7 @@ from stages.dino.augment_lean import LeanMultiCrop, normalize_views
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
 from stages.dino.data import EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
+from stages.dino.graphed_step import GraphedStep
 from stages.dino.head import DINOHead, build_predictor
 from stages.dino.koleo import koleo_loss
 from stages.dino.loss import DINOLoss
@@ -48,6 +49,7 @@ from stages.dino.optim import (
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients_per_tensor,
+    load_optimizer_state,
     param_groups,
     set_schedules,
 )
@@ -137,6 +139,8 @@ class Trainer:
         self.precision = resolve_precision(p.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
+        if p.cuda_graphs:
+            self.check_graphable()
         crop_args = dict(global_size=p.global_crops_size, local_size=p.local_crops_size,
                          global_crops_number=p.global_crops_number, blur_radius=p.blur_radius)
         if p.augment == "batch":
@@ -185,7 +189,8 @@ class Trainer:
             # In place, so state-dict keys stay those of the reference format.
             self.student.backbone.compile()
             self.teacher.backbone.compile()
-        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student), fused=self.device.type == "cuda")
+        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student),
+                                         fused=self.device.type == "cuda" or p.cuda_graphs)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         ncrops = p.global_crops_number + p.local_crops_number
         self.loss = DINOLoss(
@@ -204,6 +209,21 @@ class Trainer:
         self.pending_losses: list[tuple[int, int, torch.Tensor]] = []
         self.epoch_losses: list[float] = []  # this epoch's, since the last checkpoint or start
         self.last_loss = float("nan")
+        self.graphed_step = GraphedStep(self) if p.cuda_graphs else None
+
+    def check_graphable(self) -> None:
+        p = self.params.pretrain
+        reasons = [reason for reason, unsupported in (
+            (f"{self.dist.world_size} processes (DDP's all-reduces are not recorded)", self.dist.world_size > 1),
+            (f"optimizer {p.optimizer!r} (AdamW only)", p.optimizer != "adamw"),
+            ("fp16 (its loss scaling reads the gradients on the host; use bf16)", self.precision == "fp16"),
+            ("inject_nonfinite_at_step (a fault hook of the eager step)", p.inject_nonfinite_at_step is not None),
+        ) if unsupported]
+        if reasons:
+            raise StageError("pretrain.cuda_graphs cannot record this run's step: " + "; ".join(reasons)
+                             + ". Set pretrain.cuda_graphs: false")
+        if self.device.type != "cuda":
+            logger.info("pretrain.cuda_graphs on the CPU: the graphed step's arithmetic, run eagerly")
 
     def _device(self, wanted: str) -> torch.device:
         if wanted == "cuda" and not torch.cuda.is_available():
@@ -276,7 +296,7 @@ class Trainer:
             return False
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.loss.load_state_dict(state["dino_loss"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -299,14 +319,36 @@ class Trainer:
 
     def train_step(self, views: list[torch.Tensor]) -> torch.Tensor:
         p, it, epoch = self.params.pretrain, self.progress.global_step, self.progress.epoch
+        if self.graphed_step is not None:
+            loss = self.graphed_step(views, it, epoch)
+            self.pending_losses.append((it, epoch, loss))
+            return loss
         set_schedules(self.optimizer, float(self.schedules.lr[it]), float(self.schedules.wd[it]))
-        views = [v.to(self.device, non_blocking=True) for v in views]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward([v.to(self.device, non_blocking=True) for v in views])
+        self.pending_losses.append((it, epoch, loss))
+        if self.device.type == "cpu":
+            self.check_losses()  # before the update; on a GPU it waits for the batched check
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if p.teacher == "ema":
+            ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
+        return loss
+
+    def forward_backward(self, views: list[torch.Tensor], teacher_temp: torch.Tensor | None = None) -> torch.Tensor:
+        """The step up to the optimiser (shared by the eager and the graphed step): teacher and
+        student forward, DINO loss (+ KoLeo), backward, per-tensor clipping, and the last layer's
+        gradients dropped while it is frozen. Returns the detached loss."""
+        p, it, epoch = self.params.pretrain, self.progress.global_step, self.progress.epoch
         if p.teacher == "student":
             copy_weights(self.teacher, self.student)
         with self.autocast():
             teacher_output = self.teacher(views[: p.global_crops_number])
             student_output, features = self.student_ddp(views, return_features=True)
-            loss = self.loss(student_output, teacher_output, epoch)
+            loss = self.loss(student_output, teacher_output, epoch, teacher_temp)
             if p.koleo_weight > 0:
                 global_features = features[: len(views[0]) * p.global_crops_number]
                 koleo = sum(koleo_loss(f) for f in global_features.chunk(p.global_crops_number))
@@ -314,10 +356,6 @@ class Trainer:
                 loss = loss + p.koleo_weight * koleo
         if p.inject_nonfinite_at_step is not None and it == p.inject_nonfinite_at_step:
             loss = loss * float("nan")
-        self.pending_losses.append((it, epoch, loss.detach()))
-        if self.device.type == "cpu":
-            self.check_losses()  # free on CPU; on a GPU it waits for the batched check
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -327,13 +365,6 @@ class Trainer:
             clip_gradients_per_tensor(self.student, p.clip_grad)
         if epoch < p.freeze_last_layer:
             cancel_last_layer_gradients(self.student.head.last_layer)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        if p.teacher == "ema":
-            ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
         return loss.detach()
 
     def views(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -42,13 +42,16 @@ def positive(*values) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
-def test_step():
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_step(cuda_graphs):
+    flag = ["--cuda-graphs"] if cuda_graphs else []
     line = run_benchmark("step", *TINY_VIT, *TINY_CROPS, "--batch", "4", "--out-dim", "64",
-                         "--device", "cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1")
+                         "--device", "cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1", *flag)
     assert "cpu" in line["device"]
     config = line["config"]
     assert config | {"embed_dim": 32, "depth": 2, "heads": 2, "batch": 4, "global_size": 16, "local_size": 8,
-                     "local_crops": 2, "out_dim": 64, "steps": 2, "device": "cpu", "precision": "fp32"} == config
+                     "local_crops": 2, "out_dim": 64, "steps": 2, "device": "cpu", "precision": "fp32",
+                     "cuda_graphs": cuda_graphs} == config
     assert positive(line["images_per_second"], line["ms_per_step"], line["model_tflop_per_step"])
     assert line["peak_memory_gib"] is None and line["mfu"] is None  # CUDA-only numbers
 
@@ -148,6 +151,9 @@ def test_cuda_check(tmp_path):
     line = run_benchmark("cuda_check", "--workdir", str(tmp_path), timeout=600)
     assert math.isfinite(line["step_loss_cpu"]) and math.isfinite(line["step_loss_cuda"])
     assert line["step_loss_cuda"] == pytest.approx(line["step_loss_cpu"], rel=1e-3)
+    assert "graphs_error" not in line, line.get("graphs_error")
+    assert line["graphs_losses_graphed"] == pytest.approx(line["graphs_losses_eager"], rel=1e-4)
+    assert line["graphs_teacher_max_diff"] < 1e-4
 
 
 def test_gpu_recipes_fits_the_epochs_to_the_deadline():

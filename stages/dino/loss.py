@@ -57,7 +57,7 @@ def _logsumexp_over_batch(log_q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float | torch.Tensor, n_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp soft assignments over the (global) batch, as SwAV's `distributed_sinkhorn`.
 
     Q = exp(logits / temperature)ᵀ (K × B); `n_iterations` times its rows (prototypes) are scaled to
@@ -180,7 +180,7 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    def teacher_probs(self, teacher_output: torch.Tensor, temp: float, n_global: int) -> torch.Tensor:
+    def teacher_probs(self, teacher_output: torch.Tensor, temp: float | torch.Tensor, n_global: int) -> torch.Tensor:
         """Targets Pt from teacher logits with the configured operation, detached.
 
         Args:
@@ -199,13 +199,16 @@ class DINOLoss(nn.Module):
         views = t.chunk(n_global)
         return torch.cat([sinkhorn_knopp(v, temp, self.sinkhorn_iterations) for v in views])
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int,
+                teacher_temp: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of Eq. 3 averaged over crop pairs and batch; then updates the center (Eq. 4).
 
         Args:
             student_output: (ncrops·B, K) student logits, views in crop order.
             teacher_output: (G·B, K) teacher logits of the G ∈ {1, 2} global views.
             epoch: index into the τt schedule (0 <= epoch < nepochs).
+            teacher_temp: τt as a 0-dim tensor instead of the schedule's value for `epoch` (a
+                step recorded as a CUDA graph reads each replay's τt from it).
 
         Returns:
             0-dim float32 loss.
@@ -232,7 +235,7 @@ class DINOLoss(nn.Module):
                 f"DINOLoss: teacher_output has {teacher_output.shape[0]} rows; expected 1 or 2 "
                 f"global views of the batch size {batch} (student {n_student} rows / {self.ncrops} crops)"
             )
-        temp = float(self.teacher_temp_schedule[epoch])
+        temp = float(self.teacher_temp_schedule[epoch]) if teacher_temp is None else teacher_temp
 
         log_q = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         log_q = log_q.view(self.ncrops, batch, k)  # (V, B, K)
@@ -265,7 +268,8 @@ class DINOLoss(nn.Module):
         return total
 
     @staticmethod
-    def _stats(p: torch.Tensor, log_q: torch.Tensor, ce: torch.Tensor, temp: float) -> dict[str, torch.Tensor]:
+    def _stats(p: torch.Tensor, log_q: torch.Tensor, ce: torch.Tensor,
+               temp: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Collapse diagnostics from (G, B, K) targets, (V, B, K) student log-probs, the pair-mean CE."""
         teacher_entropy = -torch.special.xlogy(p, p).sum(-1).mean()
         mean_p = p.flatten(0, 1).mean(0)
@@ -275,7 +279,7 @@ class DINOLoss(nn.Module):
             "teacher_batch_entropy": -torch.special.xlogy(mean_p, mean_p).sum(),
             "student_entropy": -(log_q.exp() * log_q).sum(-1).mean(),
             "kl": ce - teacher_entropy,
-            "teacher_temp": torch.tensor(temp),
+            "teacher_temp": torch.as_tensor(temp),
         }
 
     @torch.no_grad()

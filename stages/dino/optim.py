@@ -74,6 +74,16 @@ def build_optimizer(name: Literal["adamw", "sgd", "lars"], groups: list[dict],
     raise ValueError(f"unknown optimizer {name!r}; valid: adamw, sgd, lars")
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping this run's implementation flags (fused, foreach,
+    capturable): the saved run may have trained on another device or with CUDA graphs."""
+    flags = [{key: group[key] for key in ("fused", "foreach", "capturable") if key in group}
+             for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+
+
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     """Set this iteration's lr on every group and weight decay on the regularised group only."""
     for index, group in enumerate(optimizer.param_groups):

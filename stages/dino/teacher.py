@@ -18,12 +18,16 @@ def paired_parameters(teacher: nn.Module, student: nn.Module) -> tuple[list, lis
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
     """θt ← λ θt + (1 − λ) θs for every teacher parameter, with foreach kernels (no Python loop
-    of small kernels). Buffers (BatchNorm statistics) are the teacher's own, as in the reference."""
+    of small kernels). Buffers (BatchNorm statistics) are the teacher's own, as in the reference.
+    λ may be a 0-dim tensor on the device (a step recorded as a CUDA graph reads it per replay)."""
     teacher_params, student_params = paired_parameters(teacher, student)
     torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    if isinstance(momentum, torch.Tensor):
+        torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1.0 - momentum))
+    else:
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
 @torch.no_grad()
