@@ -56,6 +56,7 @@ bench 150 e2e_s16_pil16_graphs benchmarks.e2e --images 2048 --workers 16 --augme
 bench 45 extract_s16 benchmarks.extract --arch vit_small --patch 16 --batch 512 --batches 20
 bench 45 extract_s8 benchmarks.extract --arch vit_small --patch 8 --batch 256 --batches 10
 bench 45 augment_cuda benchmarks.augment --device cuda --batch 64 --pil-images 40
+bench 45 augment_cuda_b256 benchmarks.augment --device cuda --batch 256 --pil-images 20
 bench 90 e2e_s16_batch4_graphs benchmarks.e2e --images 2048 --workers 4 --augment batch --workdir /tmp/e2e --steps 20 --cuda-graphs
 bench 60 knn_16cores benchmarks.knn --train 100000 --test 10000
 bench 150 step_s16_b64_compile benchmarks.step --arch vit_small --patch 16 --batch 64 --compile
