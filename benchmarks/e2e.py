@@ -100,6 +100,9 @@ def main(argv=None) -> dict:
         trainer.train_step(trainer.views(batch))
         trainer.progress.global_step += 1
         timed = step - warmup + 1
+    if timed < 1:
+        raise SystemExit(f"e2e: {args.images} images make {trainer.schedules.steps_per_epoch} steps of "
+                         f"{args.batch}, not the {warmup} warm-up steps plus timed ones; use more --images")
     trainer.check_losses()
     synchronize(device)
     seconds = time.perf_counter() - start
