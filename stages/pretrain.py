@@ -324,11 +324,11 @@ class Trainer:
             self.pending_losses.append((it, epoch, loss))
             return loss
         set_schedules(self.optimizer, float(self.schedules.lr[it]), float(self.schedules.wd[it]))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.forward_backward([v.to(self.device, non_blocking=True) for v in views])
-        self.pending_losses.append((it, epoch, loss))
+        loss = self.forward_loss([v.to(self.device, non_blocking=True) for v in views])
+        self.pending_losses.append((it, epoch, loss.detach()))
         if self.device.type == "cpu":
-            self.check_losses()  # before the update; on a GPU it waits for the batched check
+            self.check_losses()  # free on CPU; on a GPU it waits for the batched check
+        self.backward(loss)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -336,12 +336,11 @@ class Trainer:
             self.optimizer.step()
         if p.teacher == "ema":
             ema_update(self.teacher, self.student, float(self.schedules.momentum[it]))
-        return loss
+        return loss.detach()
 
-    def forward_backward(self, views: list[torch.Tensor], teacher_temp: torch.Tensor | None = None) -> torch.Tensor:
-        """The step up to the optimiser (shared by the eager and the graphed step): teacher and
-        student forward, DINO loss (+ KoLeo), backward, per-tensor clipping, and the last layer's
-        gradients dropped while it is frozen. Returns the detached loss."""
+    def forward_loss(self, views: list[torch.Tensor], teacher_temp: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher and student forward and the DINO loss (+ KoLeo); shared by the eager and the
+        graphed step, as is `backward`."""
         p, it, epoch = self.params.pretrain, self.progress.global_step, self.progress.epoch
         if p.teacher == "student":
             copy_weights(self.teacher, self.student)
@@ -356,6 +355,13 @@ class Trainer:
                 loss = loss + p.koleo_weight * koleo
         if p.inject_nonfinite_at_step is not None and it == p.inject_nonfinite_at_step:
             loss = loss * float("nan")
+        return loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients (set, not accumulated), per-tensor clipping, and the last layer's gradients
+        dropped while it is frozen."""
+        p = self.params.pretrain
+        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -363,9 +369,8 @@ class Trainer:
             loss.backward()
         if p.clip_grad > 0:
             clip_gradients_per_tensor(self.student, p.clip_grad)
-        if epoch < p.freeze_last_layer:
+        if self.progress.epoch < p.freeze_last_layer:
             cancel_last_layer_gradients(self.student.head.last_layer)
-        return loss.detach()
 
     def views(self, batch: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         """A loader batch as the normalised views on the device: uint8 images augmented here

@@ -65,6 +65,7 @@ class GraphedStep:
             self.graph = self.graph_loss = None  # frees the old graph's memory
             self.frozen, self.warm_steps = frozen, 0
         self.use_tensor_schedules()
+        # Free the last step's gradients now, not while recording (as torch's notes do)
         trainer.optimizer.zero_grad(set_to_none=True)
         if not self.record:
             return self.run()
@@ -87,14 +88,15 @@ class GraphedStep:
     def run(self) -> torch.Tensor:
         """The step on the static views (what is recorded)."""
         trainer = self.trainer
-        loss = trainer.forward_backward(self.views, self.temp)
+        loss = trainer.forward_loss(self.views, self.temp)
+        trainer.backward(loss)  # gradients are None here, so the recorded backward writes them afresh
         # AdamW decays only the parameters it updates: those with a gradient (not a frozen last layer)
         with torch.no_grad():
             torch._foreach_mul_([p for p in self.regularized if p.grad is not None], self.decay)
         trainer.optimizer.step()
         if trainer.params.pretrain.teacher == "ema":
             ema_update(trainer.teacher, trainer.student, self.momentum)
-        return loss
+        return loss.detach()
 
     def load_views(self, views: list[torch.Tensor]) -> None:
         if self.views is None:
