@@ -39,19 +39,15 @@ bench() {  # bench SECONDS NAME MODULE ARGS...
 }
 
 bench 120 cuda_check benchmarks.cuda_check
-# each step eager, then recorded as a CUDA graph (pretrain.cuda_graphs)
-for graphs in "" "--cuda-graphs"; do
-  bench 60 step_s16_b64${graphs:+_graphs} benchmarks.step --arch vit_small --patch 16 --batch 64 $graphs
-done
-for graphs in "" "--cuda-graphs"; do
-  bench 60 step_s16_b256${graphs:+_graphs} benchmarks.step --arch vit_small --patch 16 --batch 256 --steps 10 $graphs
-done
-for graphs in "" "--cuda-graphs"; do
-  bench 60 step_b16_b64${graphs:+_graphs} benchmarks.step --arch vit_base --patch 16 --batch 64 $graphs
-done
-for graphs in "" "--cuda-graphs"; do
-  bench 60 step_s8_b32${graphs:+_graphs} benchmarks.step --arch vit_small --patch 8 --batch 32 --steps 10 $graphs
-done
+step_pair() {  # step_pair NAME ARGS...: the step eager, then recorded as a CUDA graph (pretrain.cuda_graphs)
+  local name=$1; shift
+  bench 60 "$name" benchmarks.step "$@"
+  bench 60 "${name}_graphs" benchmarks.step "$@" --cuda-graphs
+}
+step_pair step_s16_b64 --arch vit_small --patch 16 --batch 64
+step_pair step_s16_b256 --arch vit_small --patch 16 --batch 256 --steps 10
+step_pair step_b16_b64 --arch vit_base --patch 16 --batch 64
+step_pair step_s8_b32 --arch vit_small --patch 8 --batch 32 --steps 10
 bench 150 e2e_s16_pil16_graphs benchmarks.e2e --images 2048 --workers 16 --augment pil --workdir /tmp/e2e --steps 20 --cuda-graphs
 bench 45 extract_s16 benchmarks.extract --arch vit_small --patch 16 --batch 512 --batches 20
 bench 45 extract_s8 benchmarks.extract --arch vit_small --patch 8 --batch 256 --batches 10
