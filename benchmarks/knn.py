@@ -1,5 +1,5 @@
-"""Weighted k-NN: our search (bf16-certified where the CPU has AMX, else faiss; faiss timed too)
-against the reference's chunked dense matmul, same inputs.
+"""Weighted k-NN: our search (bf16-certified where the CPU multiplies bf16 natively, else faiss;
+faiss timed too) against the reference's chunked dense matmul, same inputs.
 
     python -m benchmarks.knn --train 100000 --test 10000 --dim 384 --k 20
 
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.device import device_name
 from stages.knn import knn_predict
-from stages.knn_bf16 import MAX_DIM, MIN_DIM, has_amx
+from stages.knn_bf16 import MAX_DIM, MIN_DIM, has_native_bf16
 
 
 def reference_knn(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "config": vars(args),
-        "search": "bf16" if has_amx() and MIN_DIM <= args.dim <= MAX_DIM else "faiss",
+        "search": "bf16" if has_native_bf16() and MIN_DIM <= args.dim <= MAX_DIM else "faiss",
         "seconds": ours_s,
         "reference_seconds": reference_s,
         "speedup": reference_s / ours_s,

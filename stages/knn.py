@@ -10,8 +10,8 @@ Search is exact and runs over query chunks, so memory is bounded by the training
 chunk of (chunk, k) neighbours and (chunk, C) class scores, never the (N_test, N_train) similarity
 matrix. `search`: "faiss" (``IndexFlatIP`` on the normalised features, float32), "bf16"
 (`stages.knn_bf16`: candidates from a bf16 product with a proven error bound, re-ranked in float32:
-the same neighbours, ~1.7x faster than faiss where AMX multiplies bf16), or "auto" (bf16 on CPUs
-with AMX for 128 <= D <= 8192, else faiss).
+the same neighbours, 1.5-2x faster than faiss where the CPU multiplies bf16 natively), or "auto"
+(bf16 on CPUs with AMX or AVX512-BF16 for 128 <= D <= 8192, else faiss).
 
 Conventions (where the reference is silent or differs):
 
@@ -102,13 +102,13 @@ def _exact_index(train: np.ndarray, search: str) -> Any:
     if search not in ("auto", "faiss", "bf16"):
         raise ValueError(f"search must be 'auto', 'faiss' or 'bf16', got {search!r}")
     try:
-        from stages.knn_bf16 import MAX_DIM, MIN_DIM, Bf16CertifiedIndex, has_amx
+        from stages.knn_bf16 import MAX_DIM, MIN_DIM, Bf16CertifiedIndex, has_native_bf16
     except ImportError:  # the C extension stages._knn_select is not built (a bare source tree)
         if search == "bf16":
             raise
         logger.warning("stages._knn_select is not built (`pip install -e .` compiles it); searching with faiss")
     else:
-        if search == "bf16" or (search == "auto" and has_amx() and MIN_DIM <= train.shape[1] <= MAX_DIM):
+        if search == "bf16" or (search == "auto" and has_native_bf16() and MIN_DIM <= train.shape[1] <= MAX_DIM):
             return Bf16CertifiedIndex(train)
     index = faiss.IndexFlatIP(train.shape[1])
     index.add(train)

@@ -1,7 +1,8 @@
 """Exact k-nearest neighbours by inner product, with the bulk of the arithmetic in bf16 (issue 7).
 
-On CPUs with AMX (Intel Sapphire Rapids and later: `amx_bf16` in /proc/cpuinfo) a bf16 matrix
-product runs ~3.5x faster than float32's. The scores it gives are not exact, but their error has a
+On CPUs that multiply bf16 natively (AMX on Intel Sapphire Rapids and later, or AVX512-BF16 dot
+products on AMD Zen 4 and Intel Cooper Lake: `amx_bf16` / `avx512_bf16` in /proc/cpuinfo) a bf16
+matrix product runs 2.5-3.5x faster than float32's. The scores it gives are not exact, but their error has a
 bound, so they can choose candidates without losing any true neighbour:
 
 - for unit vectors a, b of dimension D <= 8192, rounding both to bf16 (unit roundoff u = 2^-8),
@@ -15,7 +16,7 @@ bound, so they can choose candidates without losing any true neighbour:
 
 So the neighbours are those of an exact float32 search (the scores' last bits depend on the
 summation order, as between any two BLAS libraries). A query with more candidates than CAPACITY
-(scores crowded around its k-th) is searched exactly in float32 instead. Elsewhere (no AMX) the k-NN
+(scores crowded around its k-th) is searched exactly in float32 instead. Elsewhere (no native bf16) the k-NN
 stage keeps faiss' exact float32 search, and below MIN_DIM dimensions too.
 """
 
@@ -43,10 +44,12 @@ THREADS = 2
 
 
 @lru_cache(maxsize=1)
-def has_amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (Linux /proc/cpuinfo flags)."""
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware, AMX tiles or AVX512-BF16 dot products (Linux
+    /proc/cpuinfo flags); without either, torch converts to float32 and the bf16 pass gains nothing."""
     try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text()
+        return " amx_bf16" in flags or " avx512_bf16" in flags
     except OSError:
         return False
 

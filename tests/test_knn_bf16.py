@@ -128,3 +128,20 @@ def test_without_the_extension_auto_searches_with_faiss(monkeypatch: pytest.Monk
     assert isinstance(_exact_index(train, "auto"), faiss.IndexFlatIP)
     with pytest.raises(ImportError):
         _exact_index(train, "bf16")
+
+
+@pytest.mark.parametrize("native_bf16, dim, expected", [
+    (True, 256, "bf16"), (True, 64, "faiss"), (False, 256, "faiss"),
+])
+def test_auto_takes_the_bf16_pass_only_where_it_pays(monkeypatch: pytest.MonkeyPatch, native_bf16: bool,
+                                                     dim: int, expected: str) -> None:
+    """"auto": the bf16 pass on CPUs that multiply bf16 natively (AMX or AVX512-BF16) and for
+    MIN_DIM <= D; faiss' float32 search elsewhere."""
+    import faiss
+
+    import stages.knn_bf16
+    from stages.knn import _exact_index
+
+    monkeypatch.setattr(stages.knn_bf16, "has_native_bf16", lambda: native_bf16)
+    index = _exact_index(_unit(np.random.default_rng(0).normal(size=(50, dim))), "auto")
+    assert isinstance(index, Bf16CertifiedIndex if expected == "bf16" else faiss.IndexFlatIP)
