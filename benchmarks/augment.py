@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from benchmarks.device import device_name
@@ -132,22 +133,41 @@ def time_batched(jpeg: bytes, args: argparse.Namespace, device: torch.device) ->
     aug = BatchMultiCrop((0.4, 1.0), (0.05, 0.4), args.local_crops, args.global_size, args.local_size)
     generator = torch.Generator(device=images.device).manual_seed(0)
 
-    def step() -> None:
+    def step() -> float:
+        """Seconds until the host has issued the batch's work (on a GPU, less than the batch)."""
+        start = time.perf_counter()
         aug(images, generator)
+        issued = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        return issued
 
     for _ in range(args.warmup):
         step()
-    times = []
+    with OperationCount() as count:
+        step()
+    times, host_times = [], []
     for _ in range(args.iters):
         start = time.perf_counter()
-        step()
+        host_times.append(step())
         times.append(time.perf_counter() - start)
     ms = 1e3 * float(np.median(times))
     return {"images_per_second": args.batch / (ms / 1e3), "ms_per_batch": ms,
-            "ms_per_batch_min": 1e3 * min(times), "decode_ms_per_batch": decode_ms,
+            "ms_per_batch_min": 1e3 * min(times), "host_ms_per_batch": 1e3 * float(np.median(host_times)),
+            "operations_per_batch": count.operations, "decode_ms_per_batch": decode_ms,
             "resample": aug.resample_mode(images), "threads": args.threads}
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the torch operations dispatched (each costs the host a few microseconds on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        return func(*args, **(kwargs or {}))
 
 
 def main(argv: list[str] | None = None) -> int:

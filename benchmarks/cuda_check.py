@@ -3,7 +3,10 @@
 1. One training step on CUDA in fp32 equals the same step on the CPU (loss, center, teacher).
 2. Ten steps recorded and replayed as CUDA graphs (`pretrain.cuda_graphs`; two epochs, so both
    graphs, last layer frozen and not) equal ten eager steps on CUDA (fp32, no stochastic depth).
-3. The tiny DAG through the stage functions on CUDA with bf16 and batched augmentation:
+3. The batched augmentation as arranged for a GPU (whole batch, torch.where selection, one blend
+   per ColorJitter position, blur as matrices) renders on CUDA the views the CPU renders from the
+   same draws (differences in 1/255: the resampling's 8-bit rounding may flip a level).
+4. The tiny DAG through the stage functions on CUDA with bf16 and batched augmentation:
    shard → pretrain → extract → knn, loss finite, k-NN above chance.
 
     python -m benchmarks.cuda_check [--workdir DIR]
@@ -23,6 +26,9 @@ import torch
 
 from benchmarks.device import device_name
 from stages import extract, knn, pretrain, shard
+from stages.device import device_constant
+from stages.dino import augment_batch as ab
+from stages.dino.augment import IMAGENET_MEAN, IMAGENET_STD
 from stages.distributed import init_distributed
 from stages.params import validate_params
 
@@ -54,6 +60,25 @@ def ten_steps(raw: dict, cuda_graphs: bool) -> dict:
         trainer.progress.global_step += 1
     return {"losses": [float(loss) for loss in losses], "center": trainer.loss.center.cpu(),
             "teacher": {k: v.cpu() for k, v in trainer.teacher.state_dict().items()}}
+
+
+def augment_diff() -> dict:
+    """Check 3: max and mean |CUDA − CPU| over every view, in 1/255."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (16, 3, 120, 160), dtype=torch.uint8, generator=g)
+    aug = ab.BatchMultiCrop(local_crops_number=2, global_size=96, local_size=32, resample="matmul")
+    diffs = []
+    for view in aug.views:
+        draws = ab.draw_views(16, 120, 160, [view], g)
+        on_cuda = ab.ViewDraws(*(None if t is None else t.cuda() for t in vars(draws).values()))
+        rendered = [ab.render_view(source, d, view[0], "matmul",
+                                   device_constant(IMAGENET_MEAN, source.device).view(1, 3, 1, 1),
+                                   device_constant(IMAGENET_STD, source.device).view(1, 3, 1, 1))
+                    for source, d in ((images, draws), (images.cuda(), on_cuda))]
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        diffs.append(((rendered[1].cpu() - rendered[0]) * std * 255).abs().flatten())
+    diffs = torch.cat(diffs)
+    return {"augment_max_diff": float(diffs.max()), "augment_mean_diff": float(diffs.mean())}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -89,6 +114,7 @@ def main(argv=None) -> dict:
         }
     except Exception as exc:  # report and go on to the DAG check
         result["graphs_error"] = repr(exc)
+    result |= augment_diff()
     raw["pretrain"].update(device="cuda", precision="bf16", augment="batch", epochs=4)
     raw["extract"].update(device="cuda")
     params = validate_params(raw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from stages.cli import StageError
@@ -35,3 +37,14 @@ def resolve_device(requested: str, key: str, default: torch.device | None = None
     if default is not None:
         return default
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@lru_cache(maxsize=None)
+def device_constant(values: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`values` as a tensor on `device`, made once and then shared (callers must not write to it).
+
+    A tensor made from Python numbers on a GPU is a blocking copy: made per batch, it would make
+    the host wait for every queued kernel instead of running ahead of the GPU.
+    """
+    return torch.tensor(values, device=device, dtype=dtype)

@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms
 
 from stages.dino import augment_batch as ab
@@ -42,6 +43,15 @@ def denormalise(view: torch.Tensor) -> torch.Tensor:
 
 def binomial_ok(hits: int, n: int, p: float, z: float = 4.5) -> bool:
     return abs(hits - n * p) <= z * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def arrangement(request, monkeypatch) -> str:
+    """Run BatchMultiCrop as on the CPU, or with the GPU's arrangement of the work (whole batch,
+    views of one size drawn and rendered together, torch.where selection) on the CPU."""
+    if request.param == "gpu":
+        monkeypatch.setattr(ab, "_on_cpu", lambda images: False)
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +215,7 @@ def test_colour_ops_match_torchvision_v2(name, factors):
         assert torch.allclose(ours[b], ref, atol=2e-6), (name, f, (ours[b] - ref).abs().max())
 
 
-def test_color_jitter_applies_the_per_sample_order():
+def test_color_jitter_applies_the_per_sample_order(arrangement):
     images = colour_batch()
     factors = torch.tensor([[0.7, 1.3, 0.85, 0.08]] * 6)
     orders = torch.stack([torch.randperm(4, generator=gen(s)) for s in range(6)])
@@ -217,6 +227,15 @@ def test_color_jitter_applies_the_per_sample_order():
             ref = fns[op](ref, float(factors[b, op]))
         assert torch.allclose(ours[b], ref, atol=5e-6)
     assert torch.equal(images, colour_batch())  # the input is left alone
+
+
+def test_color_jitter_arrangements_agree_bit_for_bit():
+    """The GPU's one blend per position is each operation's own arithmetic, not an approximation."""
+    images = torch.rand(64, 3, 6, 5, generator=gen(20))
+    factors = torch.stack([torch.empty(64).uniform_(lo, hi, generator=gen(21 + i))
+                           for i, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)])], dim=1)
+    orders = torch.rand(64, 4, generator=gen(25)).argsort(dim=1)
+    assert torch.equal(ab._color_jitter_selected(images, factors, orders), ab.color_jitter(images, factors, orders))
 
 
 def test_gray_jitter_equals_three_channel_jitter():
@@ -307,7 +326,7 @@ def test_solarize_inverts_values_from_128():
 
 def test_draw_probabilities():
     n = 20000
-    d = ab.draw_view(n, 30, 30, (0.4, 1.0), 0.1, 0.2, gen(8))
+    d = ab.draw_views(n, 30, 30, [(30, (0.4, 1.0), 0.1, 0.2)], gen(8))
     for mask, p in ((d.flip, 0.5), (d.jitter, 0.8), (d.gray, 0.2), (d.blur, 0.1), (d.solarize, 0.2)):
         assert binomial_ok(int(mask.sum()), n, p)
     assert d.factors[:, :3].min() >= 0.6 and d.factors[:, 0].max() <= 1.4
@@ -319,11 +338,29 @@ def test_draw_probabilities():
     codes = (d.order * torch.tensor([64, 16, 4, 1])).sum(1)
     counts = torch.unique(codes, return_counts=True)[1]
     assert len(counts) == 24 and stats.chisquare(counts.numpy()).pvalue > 1e-4
-    assert ab.draw_view(10, 30, 30, (0.4, 1.0), 0.5, 0.0, gen()).solarize is None
+    assert ab.draw_views(10, 30, 30, [(30, (0.4, 1.0), 0.5, 0.0)] * 2, gen()).solarize is None
+
+
+def test_views_drawn_together_keep_their_own_parameters():
+    """Several views in one draw (the GPU's groups): view-major samples, each view with its own
+    crop scale, blur and solarisation probability."""
+    n = 20000
+    views = [(30, (0.4, 1.0), 1.0, 0.0), (30, (0.4, 1.0), 0.1, 0.2), (30, (0.05, 0.4), 0.5, 0.0)]
+    d = ab.draw_views(n, 30, 30, views, gen(16))
+    assert d.top.shape == d.sigma.shape == (3 * n,) and d.order.shape == (3 * n, 4)
+    for v, (_, scale, blur_p, solarize_p) in enumerate(views):
+        part = d[v * n:(v + 1) * n]
+        assert binomial_ok(int(part.blur.sum()), n, blur_p) and binomial_ok(int(part.solarize.sum()), n, solarize_p)
+        assert binomial_ok(int(part.flip.sum()), n, 0.5) and binomial_ok(int(part.gray.sum()), n, 0.2)
+        area = (part.height * part.width).double() / 900
+        assert area.min() >= scale[0] - 0.05 and area.max() <= scale[1] + 0.05
+    one = ab.draw_views(n, 30, 30, views[2:], gen(17))  # the same view alone: the same distribution
+    both = d[2 * n:]
+    assert stats.ks_2samp((one.height * one.width).numpy(), (both.height * both.width).numpy()).pvalue > 1e-4
 
 
 def test_blur_radius_range_is_a_parameter():
-    d = ab.draw_view(20000, 28, 28, (0.4, 1.0), 1.0, 0.0, gen(8), blur_radius=(0.05, 0.5))
+    d = ab.draw_views(20000, 28, 28, [(28, (0.4, 1.0), 1.0, 0.0)], gen(8), blur_radius=(0.05, 0.5))
     assert d.sigma.min() >= 0.05 and d.sigma.max() <= 0.5
     assert stats.kstest(d.sigma.numpy(), "uniform", args=(0.05, 0.45)).pvalue > 1e-4
 
@@ -342,7 +379,7 @@ def whole_image_aug(size: int = 8, locals_: int = 2) -> BatchMultiCrop:
     return BatchMultiCrop((1.0, 1.0), (1.0, 1.0), locals_, global_size=size, local_size=size)
 
 
-def test_solarisation_only_on_global_2_with_p_02():
+def test_solarisation_only_on_global_2_with_p_02(arrangement):
     n = 3000
     white = torch.full((n, 3, 8, 8), 255, dtype=torch.uint8)
     crops = whole_image_aug()(white, gen(9))
@@ -352,7 +389,7 @@ def test_solarisation_only_on_global_2_with_p_02():
     assert not any(d.any() for i, d in enumerate(dark) if i != 1)
 
 
-def test_blur_probability_per_view():
+def test_blur_probability_per_view(arrangement):
     n = 2000
     board = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 255
     images = board.to(torch.uint8).expand(n, 3, 8, 8).contiguous()
@@ -381,7 +418,7 @@ def test_flip_and_grayscale_probabilities():
     crops = aug(images, gen(12))
     # The same draws again, rendered without the flip: each output is that or its mirror image.
     g = gen(12)
-    draws = [ab.draw_view(n, 8, 8, scale, blur_p, sol_p, g) for _, scale, blur_p, sol_p in aug.views]
+    draws = [ab.draw_views(n, 8, 8, [view], g) for view in aug.views]
     for view, d in zip(crops, draws):
         unflipped = ab.render_view(images, replace(d, flip=torch.zeros(n, dtype=torch.bool)), 8, "matmul",
                                    MEAN, STD)
@@ -423,14 +460,53 @@ def test_matmul_and_interpolate_paths_agree(photo):
         assert diff.mean() < 0.1 and diff.max() < 12
 
 
-def test_grouped_rendering_equals_view_by_view():
-    """The GPU path renders views of one size as one batch; on the CPU it must give the same crops."""
+def test_grouped_rendering_equals_view_by_view(arrangement):
+    """The GPU draws and renders views of one size as one batch: each view equals that view's
+    draws rendered alone, and the stream is a function of the seed."""
     images = torch.randint(0, 256, (5, 3, 24, 20), dtype=torch.uint8)
     aug = BatchMultiCrop((0.3, 1.0), (0.1, 0.5), 3, global_size=16, local_size=8, resample="matmul")
-    expected = aug(images, gen(15))
+    grouped = aug._render_grouped(images, gen(15), MEAN, STD)
     g = gen(15)
-    draws = [ab.draw_view(5, 24, 20, scale, blur_p, sol_p, g) for _, scale, blur_p, sol_p in aug.views]
-    grouped = aug._render_grouped(images, draws, MEAN, STD)
-    assert len(grouped) == len(expected)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(expected, grouped))
+    for views, crops in ((aug.views[:2], grouped[:2]), (aug.views[2:], grouped[2:])):
+        draws = ab.draw_views(5, 24, 20, views, g)
+        for v, (crop, view) in enumerate(zip(crops, views)):
+            alone = ab.render_view(images, draws[v * 5:(v + 1) * 5], view[0], "matmul", MEAN, STD)
+            torch.testing.assert_close(crop, alone, rtol=0, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(grouped, aug._render_grouped(images, gen(15), MEAN, STD)))
     assert ab._same_device(torch.device("cpu"), images.device)
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Operations that make a GPU's host wait: reading a value back, or making a tensor from
+    Python numbers (a blocking copy to the device)."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.lift_fresh.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+        self.operations = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations += 1
+        if func in self.WAITS:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels, size", [(3, 80), (1, 28)])
+def test_gpu_arrangement_never_makes_the_host_wait(monkeypatch, channels, size):
+    """On a GPU the host must run ahead of the device: no value read back and no tensor made from
+    Python numbers per batch (the CPU arrangement reads masks back, which the detector catches)."""
+    images = torch.randint(0, 256, (4, channels, size, size), dtype=torch.uint8)
+    aug = BatchMultiCrop(local_crops_number=2, global_size=72 if size > 64 else 16, local_size=8)
+    with DeviceWaits() as cpu:
+        aug(images, gen())
+    assert cpu.calls
+    monkeypatch.setattr(ab, "_on_cpu", lambda images: False)
+    aug(images, gen())  # constants reach the device once
+    with DeviceWaits() as gpu:
+        aug(images, gen())
+    assert gpu.calls == [], gpu.calls

@@ -81,7 +81,8 @@ def test_augment(gray):
         assert positive(pil["images_per_second"], pil["ms_per_image"])
     assert positive(line["pil"]["lean_speedup"])
     batched = line["batched"]
-    assert positive(batched["images_per_second"], batched["ms_per_batch"], batched["ms_per_batch_min"])
+    assert positive(batched["images_per_second"], batched["ms_per_batch"], batched["ms_per_batch_min"],
+                    batched["host_ms_per_batch"], batched["operations_per_batch"])
     assert line["images_per_second"] == batched["images_per_second"]
     assert line["ms_per_batch"] == batched["ms_per_batch"]
     if not gray:
@@ -154,6 +155,7 @@ def test_cuda_check(tmp_path):
     assert "graphs_error" not in line, line.get("graphs_error")
     assert line["graphs_losses_graphed"] == pytest.approx(line["graphs_losses_eager"], rel=1e-4)
     assert line["graphs_teacher_max_diff"] < 1e-4
+    assert line["augment_mean_diff"] < 0.05 and line["augment_max_diff"] <= 3, line
 
 
 def test_gpu_recipes_fits_the_epochs_to_the_deadline():

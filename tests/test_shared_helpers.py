@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages.cli import StageError
-from stages.device import resolve_device
+from stages.device import device_constant, resolve_device
 from stages.file_digest import file_sha256
 from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
@@ -39,6 +39,15 @@ def test_resolve_device_with_cuda_keeps_the_ranks_gpu(monkeypatch) -> None:
     assert resolve_device("cuda", "extract.device", torch.device("cpu")) == torch.device("cuda")
     assert resolve_device("cuda", "attention.device") == torch.device("cuda")
     assert resolve_device("auto", "attention.device") == torch.device("cuda")
+
+
+def test_device_constant_is_made_once_per_device_and_dtype() -> None:
+    """Made per batch, a constant would be a blocking copy to a GPU; it is made once and shared."""
+    mean = device_constant((0.485, 0.456, 0.406), torch.device("cpu"))
+    assert mean is device_constant((0.485, 0.456, 0.406), torch.device("cpu"))
+    assert mean.dtype == torch.float32 and mean.tolist() == pytest.approx([0.485, 0.456, 0.406])
+    wide = device_constant((0.485, 0.456, 0.406), torch.device("cpu"), torch.float64)
+    assert wide is not mean and wide.dtype == torch.float64
 
 
 @pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 5000])

@@ -47,13 +47,16 @@ rounding to 8 bits after each PIL operation (differences of a few 1/255 at most,
 below 1/255).
 
 Randomness: every draw comes from the `torch.Generator` passed in (on the images' device), in an
-order fixed by the configuration and the batch size, so a batch is a pure function of (images,
-generator state): seeding the generator reproduces it exactly, restoring its state resumes it.
+order fixed by the configuration, the batch size and the device type, so a batch is a pure
+function of (images, generator state): seeding the generator reproduces it exactly, restoring its
+state resumes it. (The CPU draws view by view, GPUs draw each group of same-size views at once.)
 
 Speed: on the CPU the per-sample work runs in chunks of a few MB (cache-resident; 5x faster than
-whole-batch passes), and probabilistic steps run only on the samples they apply to; on other
-devices the whole batch is one chunk and steps are selected with `torch.where` (no host syncs).
-Results do not depend on the chunking.
+whole-batch passes), and probabilistic steps run only on the samples they apply to. On GPUs the
+host's launches, not the arithmetic, bound a batch, so the work is arranged in few kernels: the
+whole batch is one chunk, views of one size are drawn and rendered together, steps are selected
+with `torch.where` (no host syncs), ColorJitter's three blends are one blend per position, and
+the blur is two matrix products. Results do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Literal, Optional
+from functools import lru_cache
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,7 @@ from stages.dino.augment import (
     ViewSpec,
     multicrop_views,
 )
+from stages.device import device_constant
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +107,13 @@ CPU_CHUNK_ELEMENTS = 1 << 19
 # --------------------------------------------------------------------------------------------
 
 
+def _on_cpu(images: torch.Tensor) -> bool:
+    """Whether the work on `images` is arranged for the CPU (chunks, subsets, host reads) rather
+    than for a GPU (whole batch, few kernels, no host syncs); see the module docstring's Speed.
+    Tests patch it to run the GPU arrangement on the CPU."""
+    return images.device.type == "cpu"
+
+
 def _rand(n: int, generator: torch.Generator, low: float = 0.0, high: float = 1.0,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(n,) draws of U(low, high) on the generator's device."""
@@ -113,7 +125,7 @@ def sample_crop_boxes(
     n: int,
     height: int,
     width: int,
-    scale: tuple[float, float],
+    scale: tuple[float | torch.Tensor, float | torch.Tensor],
     generator: torch.Generator,
     ratio: tuple[float, float] = RATIO,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +140,7 @@ def sample_crop_boxes(
         n: number of boxes.
         height: image height H.
         width: image width W.
-        scale: (min, max) area fraction.
+        scale: (min, max) area fraction: floats, or (n,) float64 tensors (one range per sample).
         generator: source of every draw (its device is where the boxes are made).
         ratio: (min, max) aspect ratio w / h.
 
@@ -139,7 +151,8 @@ def sample_crop_boxes(
     f64 = torch.float64
     u_area = torch.rand(n, CROP_TRIES, generator=generator, device=dev, dtype=f64)
     u_ratio = torch.rand(n, CROP_TRIES, generator=generator, device=dev, dtype=f64)
-    target = float(height * width) * (scale[0] + (scale[1] - scale[0]) * u_area)
+    low, high = (s[:, None] if isinstance(s, torch.Tensor) else s for s in scale)
+    target = float(height * width) * (low + (high - low) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
     # torch.round and Python's round both round half to even.
@@ -347,7 +360,7 @@ def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         maxc == r, (g - b) / safe, torch.where(maxc == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
     )
     sixths = torch.remainder(sixths + 6.0 * shift.reshape(-1, 1, 1), 6.0).unsqueeze(1)
-    offsets = torch.tensor(_HSV_CHANNEL_OFFSETS, device=images.device).reshape(1, 3, 1, 1)
+    offsets = device_constant(_HSV_CHANNEL_OFFSETS, images.device).reshape(1, 3, 1, 1)
     k = torch.remainder(sixths + offsets, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
@@ -371,11 +384,33 @@ def color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tenso
     Returns:
         float (B, 3, H, W) in [0, 1].
     """
+    if not _on_cpu(images):
+        return _color_jitter_selected(images, factors, order)
     out = images.clone()  # the CPU path of _apply_where writes in place
     for position in range(4):
         here = order[:, position]
         for op_index, op in enumerate(COLOUR_OPS):
             out = _apply_where(here == op_index, op, out, factors[:, op_index])
+    return out
+
+
+def _color_jitter_selected(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`color_jitter` on the whole batch without host synchronisation (GPUs), in a fraction of
+    the operations of running all four operations at each position and selecting.
+
+    Brightness, contrast and saturation are all the blend clamp(f x + (1 - f) y) with y = 0, the
+    mean luma, or the luma, so each position is one blend with per-sample f and y (bit for bit the
+    operation's own arithmetic), and hue where the permutation puts it there.
+    """
+    out = images
+    for position in range(4):
+        op = order[:, position]
+        is_contrast, is_saturation, is_hue = (_per_sample(op == index) for index in (1, 2, 3))
+        gray = rgb_to_grayscale(out)
+        other = torch.where(is_contrast, gray.mean(dim=(1, 2, 3), keepdim=True),
+                            torch.where(is_saturation, gray, 0.0))
+        factor = factors.gather(1, op.clamp_max(2)[:, None])
+        out = torch.where(is_hue, adjust_hue(out, factors[:, 3]), _blend(out, other, factor))
     return out
 
 
@@ -429,14 +464,16 @@ def pil_box_radius(sigma: torch.Tensor, passes: int = BLUR_PASSES) -> torch.Tens
     return whole + frac
 
 
+@lru_cache(maxsize=None)
 def _max_box_reach(sigma_max: float, passes: int = BLUR_PASSES) -> int:
     """Largest tap offset of one extended-box pass for sigmas up to sigma_max."""
     radius = float(pil_box_radius(torch.tensor(sigma_max, dtype=torch.float64), passes))
     return int(math.floor(radius)) + 1
 
 
-#: Images up to this side are blurred with per-sample matrices (few, large kernels), larger ones
-#: with shifted adds (a matrix costs side³ per channel).
+#: On the CPU, images up to this side are blurred with per-sample matrices (few, large kernels),
+#: larger ones with shifted adds (a matrix costs side³ per channel). GPUs always take the matrices:
+#: there the ~70 small kernels of the shifted adds cost the host more than the products cost the GPU.
 BLUR_MATMUL_MAX_SIDE = 64
 
 
@@ -476,8 +513,8 @@ def pil_gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
     PIL runs `passes` extended-box passes along x, then along y: each output pixel is
     ww * (sum of the 2r + 1 nearest inputs) + fw * (the next one on each side), ww = 1 / (2R + 1),
     fw = (R - r) / (2R + 1), r = floor(R), R from `pil_box_radius`; edge pixels are replicated.
-    Small images run the passes as per-sample matrices (`blur_matrices`), larger ones as shifted
-    adds; both give the same result up to float rounding.
+    Small images and GPUs run the passes as per-sample matrices (`blur_matrices`), large images on
+    the CPU as shifted adds; both give the same result up to float rounding.
 
     Args:
         images: float (B, C, H, W).
@@ -489,7 +526,7 @@ def pil_gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, sigma_max: floa
         float (B, C, H, W).
     """
     height, width = images.shape[-2:]
-    if max(height, width) <= BLUR_MATMUL_MAX_SIDE:
+    if max(height, width) <= BLUR_MATMUL_MAX_SIDE or not _on_cpu(images):
         rows = blur_matrices(sigma, height, sigma_max, passes)[:, None]
         cols = rows if width == height else blur_matrices(sigma, width, sigma_max, passes)[:, None]
         return torch.matmul(torch.matmul(rows, images), cols.transpose(-1, -2))
@@ -560,28 +597,41 @@ class ViewDraws:
         return ViewDraws(*(None if v is None else v[index] for v in values))
 
 
-def draw_view(n: int, height: int, width: int, scale: tuple[float, float], blur_p: float,
-              solarize_p: float, generator: torch.Generator,
-              blur_radius: tuple[float, float] = BLUR_RADIUS) -> ViewDraws:
-    """Draw the random parameters of one view for n images of size height x width.
+def draw_views(n: int, height: int, width: int, views: Sequence[ViewSpec], generator: torch.Generator,
+               blur_radius: tuple[float, float] = BLUR_RADIUS) -> ViewDraws:
+    """Draw the random parameters of V views for n images of size height x width, view-major
+    (sample i of view v at v * n + i).
 
     The draw order is fixed (crop, flip, jitter, order, 4 factors, grayscale, blur, sigma,
-    solarisation when solarize_p > 0); every draw is made for every sample.
+    solarisation when a view solarises); each is one draw for all V * n samples, so views drawn
+    together cost the host as much as one view.
     """
-    top, left, crop_h, crop_w = sample_crop_boxes(n, height, width, scale, generator)
-    flip = _rand(n, generator) < FLIP_P
-    jitter = _rand(n, generator) < JITTER_P
-    order = torch.rand(n, 4, generator=generator, device=generator.device).argsort(dim=1)
+    total = n * len(views)
+
+    def per_view(values: list[float], dtype: torch.dtype) -> float | torch.Tensor:
+        """A float when the views share it, else (V * n,) in the dtype the float would be used in
+        (a Python float meets a tensor in the tensor's dtype), so one view draws as before."""
+        if len(set(values)) == 1:
+            return values[0]
+        return device_constant(tuple(values), generator.device, dtype).repeat_interleave(n)
+
+    scale = tuple(per_view([v[1][end] for v in views], torch.float64) for end in (0, 1))
+    blur_p = per_view([v[2] for v in views], torch.float32)
+    solarize_p = [v[3] for v in views]
+    top, left, crop_h, crop_w = sample_crop_boxes(total, height, width, scale, generator)
+    flip = _rand(total, generator) < FLIP_P
+    jitter = _rand(total, generator) < JITTER_P
+    order = torch.rand(total, 4, generator=generator, device=generator.device).argsort(dim=1)
     factors = torch.stack([
-        _rand(n, generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS),
-        _rand(n, generator, 1 - CONTRAST, 1 + CONTRAST),
-        _rand(n, generator, 1 - SATURATION, 1 + SATURATION),
-        _rand(n, generator, -HUE, HUE),
+        _rand(total, generator, 1 - BRIGHTNESS, 1 + BRIGHTNESS),
+        _rand(total, generator, 1 - CONTRAST, 1 + CONTRAST),
+        _rand(total, generator, 1 - SATURATION, 1 + SATURATION),
+        _rand(total, generator, -HUE, HUE),
     ], dim=1)
-    gray = _rand(n, generator) < GRAYSCALE_P
-    blur = _rand(n, generator) < blur_p
-    sigma = _rand(n, generator, blur_radius[0], blur_radius[1])
-    solar = _rand(n, generator) < solarize_p if solarize_p > 0 else None
+    gray = _rand(total, generator) < GRAYSCALE_P
+    blur = _rand(total, generator) < blur_p
+    sigma = _rand(total, generator, blur_radius[0], blur_radius[1])
+    solar = _rand(total, generator) < per_view(solarize_p, torch.float32) if any(solarize_p) else None
     return ViewDraws(top, left, crop_h, crop_w, flip, jitter, order, factors, gray, blur, sigma,
                      solar)
 
@@ -594,7 +644,7 @@ def _apply_where(mask: torch.Tensor, fn: Callable[..., torch.Tensor], images: to
     callers own it); elsewhere the whole batch is computed and selected with torch.where (no host
     synchronisation). fn must work sample by sample.
     """
-    if images.device.type == "cpu":
+    if _on_cpu(images):
         if bool(mask.all()):
             return fn(images, *per_sample)
         index = mask.nonzero()[:, 0]
@@ -693,7 +743,7 @@ class BatchMultiCrop:
         if self.resample != "auto":
             return self.resample
         small = images.shape[-2] * images.shape[-1] <= MATMUL_MAX_PIXELS_CPU
-        return "matmul" if images.device.type != "cpu" or small else "interpolate"
+        return "matmul" if not _on_cpu(images) or small else "interpolate"
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
@@ -710,16 +760,15 @@ class BatchMultiCrop:
         resample = self.resample_mode(images)
         if resample == "interpolate":
             images = images.contiguous(memory_format=torch.channels_last)
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).reshape(1, 3, 1, 1)
+        mean = device_constant(IMAGENET_MEAN, images.device).reshape(1, 3, 1, 1)
+        std = device_constant(IMAGENET_STD, images.device).reshape(1, 3, 1, 1)
+        if not _on_cpu(images) and resample == "matmul":
+            return self._render_grouped(images, generator, mean, std)
         # All draws first, view by view: the stream does not depend on the chunking below.
-        draws = [draw_view(n, height, width, scale, blur_p, sol_p, generator, self.blur_radius)
-                 for _, scale, blur_p, sol_p in self.views]
-        if images.device.type != "cpu" and resample == "matmul":
-            return self._render_grouped(images, draws, mean, std)
+        draws = [draw_views(n, height, width, [view], generator, self.blur_radius) for view in self.views]
         crops = []
         for (size, _, _, _), view_draws in zip(self.views, draws):
-            if images.device.type == "cpu":
+            if _on_cpu(images):
                 chunk = max(1, CPU_CHUNK_ELEMENTS // (3 * size * size))
             else:
                 chunk = n
@@ -731,11 +780,12 @@ class BatchMultiCrop:
             crops.append(out)
         return crops
 
-    def _render_grouped(self, images: torch.Tensor, draws: list[ViewDraws], mean: torch.Tensor,
+    def _render_grouped(self, images: torch.Tensor, generator: torch.Generator, mean: torch.Tensor,
                         std: torch.Tensor) -> list[torch.Tensor]:
-        """Render consecutive views of one size as one batch (GPU: 2 launches of every kernel
-        instead of one per view); same results as view by view."""
-        n = images.shape[0]
+        """Draw and render consecutive views of one size as one batch (GPUs: every kernel launched
+        once per group of views instead of once per view); the same distribution as view by view,
+        from a different stream of draws."""
+        n, _, height, width = images.shape
         crops: list[torch.Tensor] = []
         start = 0
         while start < len(self.views):
@@ -743,16 +793,8 @@ class BatchMultiCrop:
             stop = start
             while stop < len(self.views) and self.views[stop][0] == size:
                 stop += 1
-            group = draws[start:stop]
-            solar = [d.solarize for d in group]
-            if all(s is None for s in solar):
-                solar_cat = None
-            else:
-                solar_cat = torch.cat([torch.zeros(n, dtype=torch.bool, device=images.device)
-                                       if s is None else s for s in solar])
-            merged = ViewDraws(*(torch.cat([getattr(d, f.name) for d in group])
-                                 for f in fields(ViewDraws) if f.name != "solarize"), solar_cat)
-            out = render_view(images, merged, size, "matmul", mean, std, self.blur_radius[1])
+            draws = draw_views(n, height, width, self.views[start:stop], generator, self.blur_radius)
+            out = render_view(images, draws, size, "matmul", mean, std, self.blur_radius[1])
             crops.extend(out.split(n))
             start = stop
         return crops

@@ -42,6 +42,7 @@ from stages.dino.augment import (
     multicrop_views,
     to_rgb,
 )
+from stages.device import device_constant
 
 #: RandomResizedCrop: tries before the central fallback, and the aspect-ratio range (3/4, 4/3).
 CROP_TRIES = 10
@@ -198,8 +199,8 @@ def normalize_views(views: list[torch.Tensor]) -> list[torch.Tensor]:
     if not views:
         return []
     device = views[0].device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = device_constant(IMAGENET_MEAN, device).view(1, 3, 1, 1)
+    std = device_constant(IMAGENET_STD, device).view(1, 3, 1, 1)
     if device.type != "cpu":
         return [_normalize(view, mean, std) for view in views]
     table = _normalize(torch.arange(256, dtype=torch.uint8).expand(1, 3, 256), mean.view(1, 3, 1), std.view(1, 3, 1))
