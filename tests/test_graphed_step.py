@@ -80,7 +80,8 @@ def test_graphed_step_computes_the_eager_step(config):
     eager = trainer(False, **overrides)  # each Trainer seeds the RNG stochastic depth draws from
     eager_losses = train(eager, steps)
     graphed = trainer(True, **overrides)
-    assert train(graphed, steps) == pytest.approx(eager_losses, rel=1e-5)
+    # abs: the MSE loss is ~0.09, where those weight differences move it by ~1e-6 (AMD Zen 4).
+    assert train(graphed, steps) == pytest.approx(eager_losses, rel=1e-5, abs=2e-6)
     if config == "bn_head":
         return
     for module in ("student", "teacher"):

@@ -12,6 +12,7 @@ rule pretrain:
             "stages/pretrain.py",
             "stages/dino",
             "stages/distributed.py",
+            "stages/device.py",
             "stages/preemption.py",
             "stages/shard_format.py",
             "stages/file_digest.py",
