@@ -22,7 +22,11 @@ FAIL_FAST_S = 30  # torch's SIGCHLD handler reacts at once; its queue timeout wo
 
 def test_killed_loader_worker_fails_the_run_fast(tmp_path: Path, fault_shards: Path) -> None:
     root = tmp_path / "run"
-    params_file = write_params(tmp_path / "params.yaml", fault_params(root, fault_shards, num_workers=1))
+    # Batches of 4: 16 per epoch, so at step 2 the worker (2 batches ahead at most) still has
+    # most of epoch 0 to load; with 4 per epoch a fast machine could finish the epoch (and its
+    # worker) before the kill lands.
+    params = fault_params(root, fault_shards, num_workers=1, batch_size_per_gpu=4)
+    params_file = write_params(tmp_path / "params.yaml", params)
     stage = Stage("pretrain", params_file)
     try:
         stage.wait_for("checkpoint at step 2 ->")  # mid epoch 0: its worker still has batches to load
@@ -40,5 +44,5 @@ def test_killed_loader_worker_fails_the_run_fast(tmp_path: Path, fault_shards: P
     assert elapsed < FAIL_FAST_S, f"took {elapsed:.1f}s to fail"
     assert f"DataLoader worker (pid" in stage.output and str(worker.pid) in stage.output, stage.output
     state = torch.load(root / "checkpoints" / LATEST, weights_only=False)
-    assert 2 <= state["global_step"] < 8
+    assert 2 <= state["global_step"] < 16
     assert not (root / "models/teacher_backbone.pth").exists()
