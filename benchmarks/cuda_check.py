@@ -67,6 +67,7 @@ def augment_diff() -> dict:
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (16, 3, 120, 160), dtype=torch.uint8, generator=g)
     aug = ab.BatchMultiCrop(local_crops_number=2, global_size=96, local_size=32, resample="matmul")
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     diffs = []
     for view in aug.views:
         draws = ab.draw_views(16, 120, 160, [view], g)
@@ -75,7 +76,6 @@ def augment_diff() -> dict:
                                    device_constant(IMAGENET_MEAN, source.device).view(1, 3, 1, 1),
                                    device_constant(IMAGENET_STD, source.device).view(1, 3, 1, 1))
                     for source, d in ((images, draws), (images.cuda(), on_cuda))]
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         diffs.append(((rendered[1].cpu() - rendered[0]) * std * 255).abs().flatten())
     diffs = torch.cat(diffs)
     return {"augment_max_diff": float(diffs.max()), "augment_mean_diff": float(diffs.mean())}

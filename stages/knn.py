@@ -10,7 +10,7 @@ Search is exact and runs over query chunks, so memory is bounded by the training
 chunk of (chunk, k) neighbours and (chunk, C) class scores, never the (N_test, N_train) similarity
 matrix. `search`: "faiss" (``IndexFlatIP`` on the normalised features, float32), "bf16"
 (`stages.knn_bf16`: candidates from a bf16 product with a proven error bound, re-ranked in float32:
-the same neighbours, 1.5-2x faster than faiss where the CPU multiplies bf16 natively), or "auto"
+the same neighbours, 1.1-1.8x faster than faiss where the CPU multiplies bf16 natively), or "auto"
 (bf16 on CPUs with AMX or AVX512-BF16 for 128 <= D <= 8192, else faiss).
 
 Conventions (where the reference is silent or differs):

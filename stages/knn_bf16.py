@@ -2,8 +2,8 @@
 
 On CPUs that multiply bf16 natively (AMX on Intel Sapphire Rapids and later, or AVX512-BF16 dot
 products on AMD Zen 4 and Intel Cooper Lake: `amx_bf16` / `avx512_bf16` in /proc/cpuinfo) a bf16
-matrix product runs 2.5-3.5x faster than float32's. The scores it gives are not exact, but their error has a
-bound, so they can choose candidates without losing any true neighbour:
+matrix product runs 2.5-3.5x faster than float32's. The scores it gives are not exact, but their
+error has a bound, so they can choose candidates without losing any true neighbour:
 
 - for unit vectors a, b of dimension D <= 8192, rounding both to bf16 (unit roundoff u = 2^-8),
   multiplying exactly and summing in float32, then rounding the sum to bf16, gives a score within
@@ -16,8 +16,8 @@ bound, so they can choose candidates without losing any true neighbour:
 
 So the neighbours are those of an exact float32 search (the scores' last bits depend on the
 summation order, as between any two BLAS libraries). A query with more candidates than CAPACITY
-(scores crowded around its k-th) is searched exactly in float32 instead. Elsewhere (no native bf16) the k-NN
-stage keeps faiss' exact float32 search, and below MIN_DIM dimensions too.
+(scores crowded around its k-th) is searched exactly in float32 instead. Elsewhere (no native
+bf16) the k-NN stage keeps faiss' exact float32 search, and below MIN_DIM dimensions too.
 """
 
 from __future__ import annotations
