@@ -53,6 +53,10 @@ GEM_P = 4.0
 GEM_EPS = 1e-6
 MULTISCALE_SCALES: tuple[float, ...] = (1.0, 1.0 / math.sqrt(2.0), 0.5)
 SPLITS: tuple[str, ...] = ("train", "val")
+#: Features stay on the device for this many batches and come back to the host together: a copy to
+#: the host waits for the GPU, so one per batch would stop the host from queuing the next batch
+#: while the GPU computes this one.
+BATCHES_PER_COPY = 16
 
 
 def _is_vit(backbone: nn.Module) -> bool:
@@ -186,6 +190,7 @@ def extract_features(
     device = torch.device(device)
     backbone = backbone.eval().to(device)
     feats, labels, indices, keys = [], [], [], []
+    on_device: list[torch.Tensor] = []  # the last batches' features, not yet copied back
     has_labels = has_indices = has_keys = None
     bar = tqdm(batches, total=total, desc=desc, unit="batch", disable=not (progress and is_main_process()))
     for batch in bar:
@@ -199,13 +204,18 @@ def extract_features(
                 out = pool_features(backbone, images, pooling, n_last_blocks)
         else:
             out = pool_features(backbone, images, pooling, n_last_blocks)
-        feats.append(out.float().cpu())
+        on_device.append(out.float())
+        if len(on_device) == BATCHES_PER_COPY:
+            feats.append(torch.cat(on_device).cpu())
+            on_device.clear()
         if has_labels:
             labels.append(torch.as_tensor(batch_labels, dtype=torch.int64).reshape(-1))
         if has_indices:
             indices.append(torch.as_tensor(batch_indices, dtype=torch.int64).reshape(-1))
         if has_keys:
             keys.extend(str(k) for k in batch_keys)
+    if on_device:
+        feats.append(torch.cat(on_device).cpu())
     if feats:
         local = torch.cat(feats)
     else:  # a rank with no samples still takes part in the gather, with the right width

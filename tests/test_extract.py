@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from stages import extract
 from stages.dino.backbones import build_backbone
 from stages.extract import ShardImages, extract_features, pool_features
 from stages.extract import run as extract_run
@@ -151,7 +152,11 @@ def test_resnet_cls_is_the_pooled_2048_feature_and_token_poolings_refuse():
         pool_features(model, images, "avg")
 
 
-def test_extract_features_restores_order_from_indices(vit_and_images):
+@pytest.mark.parametrize("batches_per_copy", [1, 2, 16])
+def test_extract_features_restores_order_from_indices(vit_and_images, monkeypatch, batches_per_copy):
+    """Also with the features copied back every batch, every 2 (3 batches: a full copy and the
+    rest) and every 16 (all at the end)."""
+    monkeypatch.setattr(extract, "BATCHES_PER_COPY", batches_per_copy)
     model, _ = vit_and_images
     torch.manual_seed(2)
     images = torch.randn(10, 3, 16, 16)
