@@ -487,10 +487,8 @@ class DeviceWaits(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls: list[str] = []
-        self.operations = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.operations += 1
         if func in self.WAITS:
             self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
