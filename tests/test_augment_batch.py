@@ -12,9 +12,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from scipy import stats
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms
 
+from host_waits import HostWaits
 from stages.dino import augment_batch as ab
 from stages.dino.augment_batch import BatchMultiCrop
 
@@ -476,35 +476,17 @@ def test_grouped_rendering_equals_view_by_view(arrangement):
     assert ab._same_device(torch.device("cpu"), images.device)
 
 
-class DeviceWaits(TorchDispatchMode):
-    """Operations that make a GPU's host wait: reading a value back, or making a tensor from
-    Python numbers (a blocking copy to the device)."""
-
-    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-             torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.lift_fresh.default}
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.WAITS:
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("channels, size", [(3, 80), (1, 28)])
 def test_gpu_arrangement_never_makes_the_host_wait(monkeypatch, channels, size):
     """On a GPU the host must run ahead of the device: no value read back and no tensor made from
     Python numbers per batch (the CPU arrangement reads masks back, which the detector catches)."""
     images = torch.randint(0, 256, (4, channels, size, size), dtype=torch.uint8)
     aug = BatchMultiCrop(local_crops_number=2, global_size=72 if size > 64 else 16, local_size=8)
-    with DeviceWaits() as cpu:
+    with HostWaits() as cpu:
         aug(images, gen())
     assert cpu.calls
     monkeypatch.setattr(ab, "_on_cpu", lambda images: False)
     aug(images, gen())  # constants reach the device once
-    with DeviceWaits() as gpu:
+    with HostWaits() as gpu:
         aug(images, gen())
     assert gpu.calls == [], gpu.calls

@@ -4,14 +4,13 @@ CUDA graph cannot contain one). The recording itself needs a GPU (benchmarks.cud
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from host_waits import HostWaits
 from tiny_config import tiny_params
 from stages import pretrain, shard
 from stages.cli import StageError
@@ -29,9 +28,6 @@ CONFIGS = {
     "bn_head": {"use_bn_in_head": True},
     "student_teacher": {"teacher": "student"},
 }
-HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-              torch.ops.aten.is_nonzero.default, torch.ops.aten.nonzero.default}
-
 
 def trainer(cuda_graphs: bool, **pretrain_overrides) -> Trainer:
     params = tiny_params(Path("/nonexistent"), pretrain={
@@ -53,17 +49,6 @@ def train(model: Trainer, steps: int) -> list[float]:
         losses.append(float(model.train_step(views())))
         model.progress.global_step += 1
     return losses
-
-
-class HostSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_SYNCS:
-            self.calls[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -94,15 +79,16 @@ def test_graphed_step_computes_the_eager_step(config):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_graphed_step_never_waits_for_the_device(config):
-    """No operation of the step reads a value back to the host (the eager CPU step does: its
-    AdamW reads each parameter's step count, which is what the detector is shown to catch)."""
+    """No operation of the step reads a value back to the host or makes a tensor from Python
+    numbers (the eager CPU step does: its AdamW reads each parameter's step count, which is what
+    the detector is shown to catch)."""
     for cuda_graphs, expect_syncs in ((False, True), (True, False)):
         model = trainer(cuda_graphs, **CONFIGS[config])
         train(model, STEPS_PER_EPOCH)  # into the epoch where the last layer trains too
         model.progress.epoch = 1
-        with HostSyncs() as syncs:
+        with HostWaits() as syncs:
             model.train_step(views())
-        assert bool(syncs.calls) == expect_syncs, (cuda_graphs, dict(syncs.calls))
+        assert bool(syncs.calls) == expect_syncs, (cuda_graphs, syncs.calls)
 
 
 def test_frozen_last_layer_is_neither_updated_nor_decayed():
