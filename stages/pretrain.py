@@ -189,8 +189,7 @@ class Trainer:
             # In place, so state-dict keys stay those of the reference format.
             self.student.backbone.compile()
             self.teacher.backbone.compile()
-        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student),
-                                         fused=self.device.type == "cuda" or p.cuda_graphs)
+        self.optimizer = build_optimizer(p.optimizer, param_groups(self.student))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         ncrops = p.global_crops_number + p.local_crops_number
         self.loss = DINOLoss(

@@ -28,6 +28,30 @@ def test_set_schedules_leaves_unregularised_group_at_zero():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]
 
 
+def test_adamw_is_the_decoupled_adam_formula():
+    """Our (fused) AdamW against Loshchilov & Hutter's update written out in float64, with the
+    schedules changing lr and weight decay at every step; biases and norms are not decayed."""
+    model = small_model()
+    opt = build_optimizer("adamw", param_groups(model))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    state = {id(p): (p.detach().double().clone(), torch.zeros_like(p, dtype=torch.float64),
+                     torch.zeros_like(p, dtype=torch.float64)) for p in model.parameters()}
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step, (lr, wd) in enumerate([(1e-2, 0.04), (5e-3, 0.1), (2e-2, 0.4)], start=1):
+        model(torch.randn(6, 4)).pow(2).sum().backward()
+        set_schedules(opt, lr, wd)
+        opt.step()
+        for p in model.parameters():
+            w, m, v = state[id(p)]
+            g = p.grad.double()
+            w.mul_(1 - lr * (wd if id(p) in decayed else 0.0))
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            w.sub_(lr * (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps))
+            torch.testing.assert_close(p.detach().double(), w, rtol=0, atol=1e-6)
+        opt.zero_grad()
+
+
 def reference_clip(model: nn.Module, clip: float) -> None:
     # main_dino / utils.clip_gradients: a Python loop with one host sync per tensor
     for p in model.parameters():
