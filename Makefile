@@ -1,7 +1,7 @@
 # make demo   - set up .venv, make sure Fashion-MNIST is there, `dvc repro` the embedded default
 #               (params.yaml), then `dvc metrics show`
 # make test   - set up .venv, run the whole test suite
-# make preset PRESET=fmnist-cpu [SEED=0] - a recipe of presets/ on its own: shard, pretrain,
+# make preset PRESET=fmnist-cpu [SEED=0] [SET="pretrain.epochs=13 ..."] - a recipe of presets/ on its own: shard, pretrain,
 #               extract, knn under runs/<preset>/ (EXPERIMENTS.md has their results)
 # Other targets: venv, test-fast, workflow, dvc-commit, install-slurm-profile, help.
 
@@ -88,7 +88,7 @@ system-fashion-mnist:
 PRESET ?= fmnist-cpu
 preset: $(STAMP)
 	@$(MAKE) --no-print-directory system-fashion-mnist
-	$(BIN)/python -m stages.presets $(PRESET) --run $(if $(SEED),--seed $(SEED))
+	$(BIN)/python -m stages.presets $(PRESET) --run $(if $(SEED),--seed $(SEED)) $(foreach pair,$(SET),-S $(pair))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not slurm"

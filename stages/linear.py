@@ -364,14 +364,15 @@ def run(params: Params) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = float(lrs[epoch])
         model.train()
-        loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
+        # summed on the device: reading each step's loss back would make the host wait for the GPU
+        loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
         for feats, labels in batches.epoch(epoch):
             logits = model(feats.to(device))
             loss = criterion(logits, labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach()
             steps += 1
         mean_loss = _mean_over_ranks(float(loss_sum) / max(steps, 1), info)
         if not math.isfinite(mean_loss):

@@ -1,10 +1,10 @@
 """Named recipes: presets/<name>.yaml holds the keys a recipe changes in params.yaml.
 
-    python -m stages.presets NAME --run [--seed N] [--dir DIR]  # shard -> pretrain -> extract -> knn
+    python -m stages.presets NAME --run [--seed N] [-S key=value ...] [--dir DIR]  # shard -> pretrain -> extract -> knn
     python -m stages.presets NAME --set-args                    # as `dvc exp run -S key=value` args
 
---run writes DIR/params.yaml (params.yaml, the preset over it, every path under DIR; default
-runs/NAME or runs/NAME-seedN), runs the four stages there one after the other and writes each
+--run writes DIR/params.yaml (params.yaml, the preset over it, then `-S` values as in `dvc exp
+run -S`, every path under DIR; default runs/NAME[-seedN][-key=value...]), runs the four stages there one after the other and writes each
 stage's wall-clock seconds to DIR/timings.json. Each stage resumes or skips as it does in the
 DAG (pretrain resumes from its checkpoint), so an interrupted run continues where it stopped.
 """
@@ -61,9 +61,26 @@ def flatten(overlay: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def preset_params(name: str, directory: Path, seed: int | None = None) -> dict:
-    """params.yaml with the preset over it and every `paths` entry moved under `directory`."""
+def parse_set_params(pairs: list[str]) -> dict:
+    """`section.key=value` pairs (values read as YAML, as `dvc exp run -S` does) as an overlay."""
+    overlay: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"-S {pair!r}: expected section.key=value")
+        *sections, leaf = key.split(".")
+        node = overlay
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    return overlay
+
+
+def preset_params(name: str, directory: Path, seed: int | None = None, overrides: dict | None = None) -> dict:
+    """params.yaml with the preset, then `overrides`, over it and every `paths` entry moved under
+    `directory`."""
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), load_preset(name))
+    params = merge(params, overrides or {})
     if seed is not None:
         params["pretrain"]["seed"] = seed
     params["paths"] = {key: str(directory / value) for key, value in params["paths"].items()}
@@ -71,10 +88,11 @@ def preset_params(name: str, directory: Path, seed: int | None = None) -> dict:
     return params
 
 
-def run(name: str, directory: Path, seed: int | None) -> dict[str, float]:
+def run(name: str, directory: Path, seed: int | None, overrides: dict | None = None) -> dict[str, float]:
+    params = preset_params(name, directory, seed, overrides)
     directory.mkdir(parents=True, exist_ok=True)
     params_file = directory / "params.yaml"
-    params_file.write_text(yaml.safe_dump(preset_params(name, directory, seed), sort_keys=False))
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     timings: dict[str, float] = {}
     for stage in STAGES:
         start = time.perf_counter()
@@ -93,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--run", action="store_true", help="run shard, pretrain, extract and knn")
     action.add_argument("--set-args", action="store_true", help="print `-S key=value` arguments for dvc exp run")
     parser.add_argument("--seed", type=int, default=None, help="pretrain.seed for this run")
-    parser.add_argument("--dir", type=Path, default=None, help="run folder (default runs/NAME[-seedN])")
+    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a value over the preset's, as in `dvc exp run -S` (repeatable)")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="run folder (default runs/NAME[-seedN][-KEY=VALUE...])")
     args = parser.parse_args(argv)
     try:
         if args.set_args:
@@ -102,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(f"-S '{key}={json.dumps(value)}'" for key, value in flatten(overlay)))
             return 0
         suffix = "" if args.seed is None else f"-seed{args.seed}"
+        suffix += "".join(f"-{pair}" for pair in args.set_param)  # a changed recipe gets its own folder
         directory = (args.dir or ROOT / "runs" / f"{args.name}{suffix}").resolve()
-        timings = run(args.name, directory, args.seed)
+        timings = run(args.name, directory, args.seed, parse_set_params(args.set_param))
     except ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -438,7 +438,8 @@ def run(params: Params) -> dict[str, float]:
         loader = DataLoader(train_set, batch_sampler=_Batches(order, batch, epoch), num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(epoch))
         model.train()
-        loss_sum, steps = torch.zeros((), dtype=torch.float64), 0
+        # summed on the device: reading each step's loss back would make the host wait for the GPU
+        loss_sum, steps = torch.zeros((), dtype=torch.float64, device=device), 0
         for step, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False,
                                                       disable=not info.is_main)):
             it = epoch * steps_per_epoch + step
@@ -453,7 +454,7 @@ def run(params: Params) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach()
             steps += 1
         mean_loss = float(loss_sum) / max(steps, 1)
         if not math.isfinite(mean_loss):

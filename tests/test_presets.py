@@ -57,3 +57,24 @@ def test_unknown_preset_exits_2():
     result = subprocess.run([sys.executable, "-m", "stages.presets", "nope", "--run"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no such preset" in result.stderr
+
+
+def test_set_params_go_over_the_preset(tmp_path):
+    overrides = presets.parse_set_params(["pretrain.epochs=13", "pretrain.global_crops_scale=[0.8, 1.0]",
+                                          "model.drop_path_rate=0.1"])
+    assert overrides == {"pretrain": {"epochs": 13, "global_crops_scale": [0.8, 1.0]},
+                         "model": {"drop_path_rate": 0.1}}
+    params = presets.preset_params("fmnist-cpu", tmp_path, seed=1, overrides=overrides)
+    assert (params["pretrain"]["epochs"], params["pretrain"]["global_crops_scale"]) == (13, [0.8, 1.0])
+    assert params["pretrain"]["teacher_output"] == "sinkhorn"  # the preset's other keys stay
+    assert params["model"]["drop_path_rate"] == 0.1
+
+
+@pytest.mark.parametrize("pair, named", [("pretrain.epoch=13", "'pretrain.epoch'"),
+                                         ("pretrain.epochs", "expected section.key=value"),
+                                         ("pretrain.epochs=-1", "pretrain.epochs")])
+def test_bad_set_param_exits_2_before_anything_runs(pair, named, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stages.presets", "fmnist-cpu", "--run", "-S", pair,
+                             "--dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
