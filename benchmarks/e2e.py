@@ -78,6 +78,7 @@ def main(argv=None) -> dict:
         "model": {"arch": args.arch, "patch_size": args.patch, "img_size": args.global_size,
                   "embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.heads},
         "pretrain": {"batch_size_per_gpu": args.batch, "num_workers": args.workers, "augment": args.augment,
+                     "decoded_cache_mib": 0,  # the data path under test reads the shards
                      "compile": args.compile, "cuda_graphs": args.cuda_graphs, "warmup_epochs": 0,
                      "epochs": 1, "out_dim": args.out_dim,
                      "global_crops_size": args.global_size, "local_crops_size": args.local_size,
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     device = trainer.device
     timed, start = 0, None
     warmup = max(args.warmup, WARM_STEPS + 2) if args.cuda_graphs else args.warmup  # recording untimed
-    for step, (batch, _) in enumerate(trainer.loader(0, 0)):
+    for step, batch in enumerate(trainer.batches(0, 0)):
         if step == warmup:
             trainer.check_losses()
             synchronize(device)

@@ -161,6 +161,10 @@ class Pretrain(Section):
     # batch_size_per_gpu images. Small models train ~1.3x faster as 2 single-threaded processes
     # than as one process with 2 threads (most of their kernels are too small to split).
     cpu_processes: PositiveInt = 1
+    # with `augment: batch`, training images decoded once into memory on the training device when
+    # they take at most this many MiB (Fashion-MNIST: 45), instead of read and decoded every
+    # epoch by the loader workers; the same batches either way (0: never)
+    decoded_cache_mib: NonNegInt = 1024
     global_crops_number: Annotated[int, Field(ge=1, le=2)] = 2
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
     local_crops_number: NonNegInt = 8

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from stages.dino.async_saver import AsyncCheckpointSaver
 from stages.dino.augment_lean import LeanMultiCrop, normalize_views
 from stages.dino.backbones import build_backbone_from_params
 from stages.dino.collapse import CollapseError, CollapseGuard
-from stages.dino.data import EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
+from stages.dino.data import DecodedImages, EpochBatches, ShardImages, collate_images, collate_views, decode_uint8
 from stages.dino.graphed_step import GraphedStep
 from stages.dino.head import DINOHead, build_predictor
 from stages.dino.koleo import koleo_loss
@@ -154,6 +154,7 @@ class Trainer:
             self.batch_augment = None
             transform = LeanMultiCrop(p.global_crops_scale, p.local_crops_scale, p.local_crops_number, **crop_args)
             self.collate = collate_views
+        self.decoded: DecodedImages | None = None
         if steps_per_epoch is None:  # benchmarks pass it and feed synthetic batches instead
             self.dataset = ShardImages(params.paths.shards, "train", transform, seed=p.seed,
                                        random_transform=self.batch_augment is None)
@@ -163,6 +164,11 @@ class Trainer:
                     f"{params.paths.shards}: {len(self.dataset)} training samples are fewer than one "
                     f"global batch ({p.batch_size_per_gpu} x {dist.world_size} ranks)"
                 )
+            if self.batch_augment is not None and p.decoded_cache_mib > 0:
+                self.decoded = DecodedImages.decode(self.dataset, self.device, p.decoded_cache_mib * 2**20,
+                                                    p.num_workers)
+                logger.info("training images %s", "decoded into memory" if self.decoded else
+                            f"read from the shards (more than pretrain.decoded_cache_mib = {p.decoded_cache_mib})")
         steps = steps_per_epoch
         self.schedules = Schedules.from_params(params, steps, dist.world_size)
 
@@ -405,16 +411,21 @@ class Trainer:
         self.last_loss = values[-1]
         return values
 
-    def loader(self, epoch: int, start_step: int) -> DataLoader:
+    def batches(self, epoch: int, start_step: int) -> Iterable[torch.Tensor | list[torch.Tensor]]:
+        """This rank's batches of an epoch from `start_step` on: uint8 images (`augment: batch`)
+        from memory or from a loader, or the loader's uint8 views (`augment: pil`)."""
         p = self.params.pretrain
-        batches = EpochBatches(len(self.dataset), p.batch_size_per_gpu, p.seed, epoch,
+        sampler = EpochBatches(len(self.dataset), p.batch_size_per_gpu, p.seed, epoch,
                                self.dist.rank, self.dist.world_size, start_step)
+        if self.decoded is not None:
+            return self.decoded.batches(sampler)
         # A generator of its own: a loader draws its workers' base seed when iterated, and from
         # the global RNG that would shift the model's random stream on every resume.
         generator = torch.Generator().manual_seed(p.seed * 100_003 + epoch)
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=p.num_workers,
-                          collate_fn=self.collate, pin_memory=self.device.type == "cuda",
-                          generator=generator)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=p.num_workers,
+                            collate_fn=self.collate, pin_memory=self.device.type == "cuda",
+                            generator=generator)
+        return (batch for batch, _ in loader)
 
     def fit(self, live=None) -> dict:
         p = self.params.pretrain
@@ -426,7 +437,7 @@ class Trainer:
         with preemption.handler() as stop, self.completing_checkpoints():
             while self.progress.epoch < p.epochs:
                 epoch = self.progress.epoch
-                for batch, _ in self.loader(epoch, self.progress.step_in_epoch):
+                for batch in self.batches(epoch, self.progress.step_in_epoch):
                     self.train_step(self.views(batch))
                     self.progress.global_step += 1
                     self.progress.step_in_epoch += 1

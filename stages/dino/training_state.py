@@ -34,6 +34,7 @@ PREVIOUS = "checkpoint.prev.pth"
 RUN_ONLY_KEYS = {
     "num_workers", "device", "checkpoint_every_steps", "async_checkpoint", "log_every_steps",
     "collapse_patience_steps", "stop_on_collapse", "inject_nonfinite_at_step", "cuda_graphs",
+    "decoded_cache_mib",
 }
 
 

@@ -26,7 +26,7 @@ def main(params_file: str, out_dir: str, steps: int) -> None:
     trainer = Trainer(params, dist)
     m = params.pretrain.center_momentum
     records = []
-    for batch, _ in trainer.loader(0, 0):
+    for batch in trainer.batches(0, 0):
         if len(records) == steps:
             break
         views = trainer.views(batch)
