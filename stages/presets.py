@@ -1,12 +1,13 @@
 """Named recipes: presets/<name>.yaml holds the keys a recipe changes in params.yaml.
 
     python -m stages.presets NAME --run [--seed N] [-S key=value ...] [--dir DIR]  # shard -> pretrain -> extract -> knn
-    python -m stages.presets NAME --set-args                    # as `dvc exp run -S key=value` args
+    python -m stages.presets NAME --set-args        # as `dvc exp run -S key=value` args
 
---run writes DIR/params.yaml (params.yaml, the preset over it, then `-S` values as in `dvc exp
-run -S`, every path under DIR; default runs/NAME[-seedN][-key=value...]), runs the four stages there one after the other and writes each
-stage's wall-clock seconds to DIR/timings.json. Each stage resumes or skips as it does in the
-DAG (pretrain resumes from its checkpoint), so an interrupted run continues where it stopped.
+--run writes DIR/params.yaml (params.yaml, the preset over it, then the `-S` values as `dvc exp
+run -S` reads them, every path under DIR; default runs/NAME[-seedN][-key=value...]), runs the
+four stages there one after the other and writes each stage's wall-clock seconds to
+DIR/timings.json. Each stage resumes or skips as it does in the DAG (pretrain resumes from its
+checkpoint), so an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations

@@ -205,7 +205,9 @@ class DecodedImages:
         images = torch.empty((len(dataset), *first.shape), dtype=torch.uint8)
         starts = range(0, len(dataset), batch_size)
         batches = [[(0, i) for i in range(start, min(start + batch_size, len(dataset)))] for start in starts]
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images)
+        # A generator of its own: the workers' base seed must not come from the global RNG.
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_images,
+                            generator=torch.Generator().manual_seed(0))
         for start, (batch, _) in zip(starts, loader):
             if batch.shape[1:] != first.shape:
                 raise ShardError(f"pretrain.augment = 'batch' needs images of one size: sample "
