@@ -14,6 +14,17 @@ def tiny(tmp_path: Path) -> dict:
     return tiny_params(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The tiny config's digits shards, written once for the session; tests only read them."""
+    from stages import shard
+    from stages.params import validate_params
+
+    root = tmp_path_factory.mktemp("shards")
+    shard.run(validate_params(tiny_params(root)))
+    return root / "data/shards/digits"
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op torch thread for the test (two cores are shared by parallel suites), restored

@@ -19,13 +19,6 @@ from stages.pretrain import Trainer
 from stages.shard_format import ShardError
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    shard.run(validate_params(tiny_params(root)))
-    return root / "data/shards/digits"
-
-
 def trainer(root: Path, shards: Path, cache_mib: int) -> Trainer:
     params = tiny_params(root, pretrain={"augment": "batch", "decoded_cache_mib": cache_mib, "num_workers": 1})
     params["paths"]["shards"] = str(shards)

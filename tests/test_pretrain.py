@@ -14,18 +14,11 @@ import pytest
 import torch
 
 from tiny_config import tiny_params, write_params
-from stages import pretrain, shard
+from stages import pretrain
 from stages.dino.training_state import LATEST
 from stages.params import validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    shard.run(validate_params(tiny_params(root)))
-    return root / "data/shards/digits"
 
 
 def params_at(root: Path, shards: Path, **pretrain_overrides) -> dict:

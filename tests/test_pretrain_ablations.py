@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import pretrain, shard
+from stages import pretrain
 from stages.dino.training_state import LATEST
 from stages.params import validate_params
 from tiny_config import tiny_params
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ablation-shards")
-    shard.run(validate_params(tiny_params(root)))
-    return root / "data/shards/digits"
 
 
 def run_tiny(root: Path, shards: Path, **pretrain_overrides) -> tuple[dict, dict]:
