@@ -100,6 +100,14 @@ class Dataset(Section):
         return root
 
 
+#: The reference's named ViT sizes: (embed_dim, depth, num_heads).
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+
+
 class Model(Section):
     """The backbone, named as in the reference (vit_tiny/small/base + patch_size, resnet50).
 
@@ -115,6 +123,22 @@ class Model(Section):
     depth: PositiveInt | None = None
     num_heads: PositiveInt | None = None
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1  # student only
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "Model":
+        if self.in_chans != 3:
+            raise ValueError(f"model.in_chans = {self.in_chans}: every stage feeds the backbone RGB images "
+                             "(3 channels; grayscale sources are converted)")
+        if self.arch == "resnet50":
+            return self
+        dim, _, heads = VIT_SIZES[self.arch]
+        dim, heads = self.embed_dim or dim, self.num_heads or heads
+        if dim % heads:
+            raise ValueError(f"model.num_heads = {heads} must divide model.embed_dim = {dim} ({self.arch})")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.img_size = {self.img_size} is not a multiple of model.patch_size = "
+                             f"{self.patch_size}")
+        return self
 
 
 class Pretrain(Section):
@@ -199,6 +223,12 @@ class Pretrain(Section):
     def _consistent(self) -> "Pretrain":
         if self.min_lr > self.lr:
             raise ValueError(f"pretrain.min_lr = {self.min_lr} must be <= pretrain.lr = {self.lr}")
+        for key in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+            if getattr(self, key) > self.epochs:
+                raise ValueError(f"pretrain.{key} = {getattr(self, key)} must be <= pretrain.epochs = {self.epochs}")
+        if self.global_crops_number + self.local_crops_number < 2:
+            raise ValueError(f"pretrain.global_crops_number = {self.global_crops_number} and local_crops_number = "
+                             f"{self.local_crops_number}: the loss needs at least two views")
         return self
 
 

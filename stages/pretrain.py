@@ -141,6 +141,7 @@ class Trainer:
             raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
         if p.cuda_graphs:
             self.check_graphable()
+        self.check_crop_sizes()
         crop_args = dict(global_size=p.global_crops_size, local_size=p.local_crops_size,
                          global_crops_number=p.global_crops_number, blur_radius=p.blur_radius)
         if p.augment == "batch":
@@ -215,6 +216,16 @@ class Trainer:
         self.epoch_losses: list[float] = []  # this epoch's, since the last checkpoint or start
         self.last_loss = float("nan")
         self.graphed_step = GraphedStep(self) if p.cuda_graphs else None
+
+    def check_crop_sizes(self) -> None:
+        """A ViT cuts each view into whole patches: refuse crop sizes that do not divide, before any work."""
+        model, p = self.params.model, self.params.pretrain
+        sizes = {"global_crops_size": p.global_crops_size}
+        if p.local_crops_number:
+            sizes["local_crops_size"] = p.local_crops_size
+        for key, size in sizes.items():
+            if model.arch != "resnet50" and size % model.patch_size:
+                raise StageError(f"pretrain.{key} = {size} is not a multiple of model.patch_size = {model.patch_size}")
 
     def check_graphable(self) -> None:
         p = self.params.pretrain

@@ -64,6 +64,7 @@ BAD_CASES = [
     ("global crop scale > 1", lambda p: _set(p, "pretrain.global_crops_scale", [0.4, 1.5]), "pretrain.global_crops_scale"),
     ("local crop scale 0", lambda p: _set(p, "pretrain.local_crops_scale", [0.0, 0.4]), "pretrain.local_crops_scale"),
     ("global_crops_number 3", lambda p: _set(p, "pretrain.global_crops_number", 3), "pretrain.global_crops_number"),
+    ("warm-up longer than training", lambda p: _set(p, "pretrain.warmup_epochs", 5), "pretrain.warmup_epochs"),
     (
         "missing dataset directory",
         lambda p: _set(_set(p, "dataset.source", "fashion-mnist"), "dataset.root", "/nonexistent/fashion-mnist"),
@@ -129,6 +130,33 @@ def test_every_stage_refuses_bad_params(bad_runs: dict[str, BadRun], case: str) 
     assert "extract.pooling" in run.result.stderr
     assert not run.out.exists()
     assert _files_under(run.root) == run.before
+
+
+# Values each valid alone but not together: (overrides of the tiny params, the message).
+CROSS_FIELD_CASES = [
+    ({"pretrain": {"warmup_epochs": 3}}, "pretrain.warmup_epochs = 3 must be <= pretrain.epochs = 2"),
+    ({"pretrain": {"warmup_teacher_temp_epochs": 5}}, "pretrain.warmup_teacher_temp_epochs = 5 must be <= pretrain.epochs = 2"),
+    ({"pretrain": {"global_crops_number": 1, "local_crops_number": 0}}, "the loss needs at least two views"),
+    ({"model": {"embed_dim": 30, "num_heads": 4}}, "model.num_heads = 4 must divide model.embed_dim = 30"),
+    ({"model": {"arch": "vit_small", "embed_dim": None, "num_heads": 5}}, "model.num_heads = 5 must divide model.embed_dim = 384"),
+    ({"model": {"img_size": 18}}, "model.img_size = 18 is not a multiple of model.patch_size = 4"),
+    ({"model": {"in_chans": 1}}, "model.in_chans = 1: every stage feeds the backbone RGB images"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CROSS_FIELD_CASES, ids=[m[:40] for _, m in CROSS_FIELD_CASES])
+def test_inconsistent_values_are_refused_naming_both_keys(tmp_path: Path, overrides: dict, message: str) -> None:
+    from stages.params import ParamsError, validate_params
+
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        validate_params(tiny_params(tmp_path, **overrides))
+
+
+def test_resnet50_has_no_heads_or_patches_to_check(tmp_path: Path) -> None:
+    from stages.params import validate_params
+
+    validate_params(tiny_params(tmp_path, model={"arch": "resnet50", "img_size": 18, "embed_dim": None,
+                                                 "num_heads": None, "depth": None}))
 
 
 def test_unreadable_params_file_exits_2(tmp_path: Path) -> None:

@@ -140,3 +140,13 @@ def test_decode_only_samples_skip_the_per_sample_seed(shards):
     drawing = ShardImages(shards, "train", lambda data: torch.rand(3))
     assert torch.equal(drawing[(1, 4)][0], drawing[(1, 4)][0])  # a random transform stays seeded
     assert not torch.equal(drawing[(1, 4)][0], drawing[(2, 4)][0])
+
+
+@pytest.mark.parametrize("key,size", [("global_crops_size", 18), ("local_crops_size", 6)])
+def test_a_crop_size_the_patches_do_not_divide_is_refused_before_any_work(tmp_path, key, size):
+    from stages.cli import StageError
+
+    params = validate_params(params_at(tmp_path, tmp_path / "no-shards-read", **{key: size}))
+    with pytest.raises(StageError, match=f"pretrain.{key} = {size} is not a multiple of model.patch_size = 4"):
+        pretrain.run(params)
+    assert not (tmp_path / "checkpoints").exists()

@@ -29,18 +29,12 @@ import torchvision
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from stages.params import Model
+from stages.params import VIT_SIZES, Model
 
 logger = logging.getLogger(__name__)
 
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "resnet50"]
 
-#: The reference's named ViT sizes: (embed_dim, depth, num_heads).
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-}
 ARCHS: tuple[str, ...] = (*VIT_SIZES, "resnet50")
 RESNET_DIM = 2048
 
