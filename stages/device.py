@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 
 import torch
@@ -48,3 +49,17 @@ def device_constant(values: tuple[float, ...], device: torch.device,
     the host wait for every queued kernel instead of running ahead of the GPU.
     """
     return torch.tensor(values, device=device, dtype=dtype)
+
+
+def forward_precision(precision: str, device: torch.device) -> str:
+    """A params ``precision: auto | bf16 | fp32`` key resolved: "auto" is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where `forward_precision` says bf16; no autocast (fp32) otherwise."""
+    if forward_precision(precision, device) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from stages.atomic import atomic_dir
 from stages.cli import StageError, run_stage
+from stages.device import autocast_for, forward_precision, resolve_device
 from stages.features import write_features
 from stages.file_digest import file_sha256
 from stages.params import Params
@@ -158,6 +159,7 @@ def extract_features(
     n_last_blocks: int = 4,
     device: str | torch.device = "cpu",
     *,
+    precision: str = "auto",
     progress: bool = True,
     total: int | None = None,
     desc: str = "extract",
@@ -171,7 +173,8 @@ def extract_features(
             global positions, keys B strings.
         pooling: one of `POOLINGS`.
         n_last_blocks: for ``last_blocks``.
-        device: where to run; bf16 autocast is used on CUDA, fp32 elsewhere.
+        device: where to run.
+        precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32".
         progress: show a tqdm bar (on rank 0 only).
         total: number of batches, for the bar.
         desc: the bar's label.
@@ -199,10 +202,7 @@ def extract_features(
             has_labels, has_indices, has_keys = (batch_labels is not None, batch_indices is not None,
                                                  batch_keys is not None)
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = pool_features(backbone, images, pooling, n_last_blocks)
-        else:
+        with autocast_for(precision, device):
             out = pool_features(backbone, images, pooling, n_last_blocks)
         on_device.append(out.float())
         if len(on_device) == BATCHES_PER_COPY:
@@ -387,7 +387,6 @@ def extract_split(
     Returns:
         ``(features (N, D') float32, labels (N,) int64, keys)``, in the shards' order.
     """
-    from stages.device import resolve_device
     from stages.distributed import init_distributed
 
     info = init_distributed()
@@ -399,7 +398,7 @@ def extract_split(
     loader, n_batches = split_loader(params, split, transform, info.rank, info.world_size)
     feats, labels, keys = extract_features(
         backbone, loader, pooling or params.extract.pooling, params.extract.n_last_blocks, device,
-        total=n_batches, desc=f"extract {split}",
+        precision=params.extract.precision, total=n_batches, desc=f"extract {split}",
     )
     if labels is None or keys is None:
         raise StageError(f"{params.paths.shards}: split {split!r} holds no samples")
@@ -455,6 +454,8 @@ def run(params: Params) -> dict[str, float]:
         "n_last_blocks": params.extract.n_last_blocks,
         "resize": params.extract.resize,
         "crop_size": params.extract.crop_size,
+        "precision": forward_precision(params.extract.precision,
+                                       resolve_device(params.extract.device, "extract.device", info.device)),
         "num_classes": len(classes),
         "classes": classes,
     }

@@ -308,10 +308,12 @@ def _full_data(params: Params, batch_size: int, device: torch.device, rank: int,
     num_classes = len(read_manifest(params.paths.shards)["classes"])
     lin = params.linear
     # The validation features are deterministic: extracted once (through extract's machinery, with
-    # linear's sizes and pooling) and reused at every evaluation.
+    # linear's sizes and pooling) and reused at every evaluation; in fp32, as the training
+    # features (`ImageBatches`) and the reference's eval_linear.py.
     val_params = params.model_copy(update={"extract": params.extract.model_copy(update={
         "resize": lin.resize, "crop_size": lin.crop_size, "n_last_blocks": n_last_blocks,
         "batch_size": batch_size, "num_workers": lin.num_workers, "device": str(device.type),
+        "precision": "fp32",
     })})
     val_x, val_y, _ = extract_split(val_params, "val", backbone, eval_transform(lin.resize, lin.crop_size), pooling)
     batches = ImageBatches(params, backbone, pooling, n_last_blocks, batch_size, device, rank, world_size)

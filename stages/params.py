@@ -242,6 +242,9 @@ class Extract(Section):
     batch_size: PositiveInt = 128
     num_workers: NonNegInt = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: bf16 autocast on CUDA (fast), fp32 on CPU; fp32 everywhere: the reference's features
+    # (eval_knn.py runs the model in fp32)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 class Knn(Section):

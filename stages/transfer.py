@@ -37,7 +37,6 @@ best top-1 (with its top-5 and epoch), in percent; top-5 counts the min(5, C) be
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from tqdm import tqdm
 from stages.accuracy import topk_correct
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
-from stages.device import resolve_device
+from stages.device import autocast_for, resolve_device
 from stages.epoch_order import epoch_indices
 from stages.file_digest import file_sha256
 from stages.fingerprinted_checkpoint import CHECKPOINT_NAME, resume, save_checkpoint  # noqa: F401 (CHECKPOINT_NAME: the stage's file name)
@@ -333,12 +332,6 @@ def _fingerprint(params: Params, backbone_sha256: str, data: str) -> dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def build_model(params: Params, num_classes: int) -> TransferModel:
     """The teacher backbone of ``paths.teacher_backbone`` (trainable, with stochastic depth
     ``transfer.drop_path_rate``) and a new linear head, seeded by ``transfer.seed``.
@@ -376,7 +369,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
                         generator=torch.Generator().manual_seed(0))
     counts = torch.zeros(3, dtype=torch.float64)
     for images, labels in loader:
-        with _autocast(precision, device):
+        with autocast_for(precision, device):
             logits = model(images.to(device, non_blocking=True))
         c1, c5 = topk_correct(logits.float().cpu(), labels)
         counts += torch.tensor([c1, c5, labels.shape[0]], dtype=torch.float64)
@@ -448,7 +441,7 @@ def run(params: Params) -> dict[str, float]:
             rng = np.random.default_rng([cfg.seed, epoch, step, info.rank])
             soft = smooth_one_hot(targets, num_classes, cfg.label_smoothing)
             images, soft, _ = mix_batch(images, soft, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, rng)
-            with _autocast(cfg.precision, device):
+            with autocast_for(cfg.precision, device):
                 logits = model(images.to(device, non_blocking=True))
             loss = soft_cross_entropy(logits, soft.to(device))
             optimizer.zero_grad(set_to_none=True)

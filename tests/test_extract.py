@@ -152,6 +152,20 @@ def test_resnet_cls_is_the_pooled_2048_feature_and_token_poolings_refuse():
         pool_features(model, images, "avg")
 
 
+def test_extract_precision_fp32_is_the_plain_forward_and_bf16_autocasts(vit_and_images):
+    model, images = vit_and_images
+    with torch.no_grad():
+        plain = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images).float()
+    for precision in ("fp32", "auto"):  # auto: fp32 on the CPU
+        got, _, _ = extract_features(model, [images], "cls", precision=precision, progress=False)
+        assert torch.equal(got, plain)
+    got, _, _ = extract_features(model, [images], "cls", precision="bf16", progress=False)
+    assert torch.equal(got, low) and not torch.equal(got, plain)
+    torch.testing.assert_close(got, plain, atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("batches_per_copy", [1, 2, 16])
 def test_extract_features_restores_order_from_indices(vit_and_images, monkeypatch, batches_per_copy):
     """Also with the features copied back every batch, every 2 (3 batches: a full copy and the
@@ -322,6 +336,7 @@ def test_extract_stage_end_to_end(tiny_extracted):
         assert meta["checkpoint_sha256"] == digest
         assert meta["arch"] == "vit_tiny" and meta["patch_size"] == 4 and meta["pooling"] == "cls"
         assert meta["crop_size"] == 16 and meta["num_classes"] == 10 and meta["split"] == split
+        assert meta["precision"] == "fp32"  # auto, resolved on the CPU
 
 
 def test_knn_stage_with_baselines(tiny_extracted, tmp_path):
