@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -198,3 +199,47 @@ def check_features_checkpoint(
             f"({meta.get('checkpoint', 'path not recorded')}), but {checkpoint_path} has sha256 {actual}: "
             "stale features; rerun the extract stage"
         )
+
+
+@dataclass(frozen=True)
+class TrainVal:
+    """A features folder's train/ and val/ splits, checked against each other."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    train_keys: list[str]
+    train_meta: dict[str, Any]
+    val_x: np.ndarray
+    val_y: np.ndarray
+    val_meta: dict[str, Any]
+    num_classes: int | None  # from meta.json; None when neither split names it
+
+
+def read_train_val(root: str | Path, checkpoint_path: str | Path) -> TrainVal:
+    """``<root>/train`` and ``<root>/val`` as the evaluations read them: both extracted from
+    `checkpoint_path` (`check_features_checkpoint`), of one dimension, labels in [0,
+    ``num_classes``) of meta.json.
+
+    Raises:
+        FeaturesError: a split is unreadable, from another checkpoint, of another dimension, or
+            holds negative labels or labels >= num_classes; the message names the file.
+    """
+    train_dir, val_dir = Path(root) / "train", Path(root) / "val"
+    train_x, train_y, train_keys, train_meta = read_features(train_dir)
+    val_x, val_y, _, val_meta = read_features(val_dir)
+    for directory, meta in ((train_dir, train_meta), (val_dir, val_meta)):
+        check_features_checkpoint(meta, checkpoint_path, directory)
+    if train_x.shape[1] != val_x.shape[1]:
+        raise FeaturesError(
+            f"feature dimensions differ: {train_dir / FEATURES_FILE} has D = {train_x.shape[1]}, "
+            f"{val_dir / FEATURES_FILE} has D = {val_x.shape[1]} (extracted with different models "
+            f"or poolings? train: {train_meta.get('pooling')}, val: {val_meta.get('pooling')})"
+        )
+    counts = {m["num_classes"] for m in (train_meta, val_meta) if isinstance(m.get("num_classes"), int)}
+    num_classes = max(counts) if counts else None
+    for directory, labels in ((train_dir, train_y), (val_dir, val_y)):
+        if labels.size and labels.min() < 0:
+            raise FeaturesError(f"{directory / LABELS_FILE}: negative labels")
+        if num_classes is not None and labels.size and labels.max() >= num_classes:
+            raise FeaturesError(f"{directory / LABELS_FILE}: labels outside [0, {num_classes}) of {META_FILE}")
+    return TrainVal(train_x, train_y, train_keys, train_meta, val_x, val_y, val_meta, num_classes)

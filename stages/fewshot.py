@@ -146,16 +146,13 @@ def run(params: Params) -> dict[str, float]:
     Returns:
         The flat metrics ``top1_<pct>pct``, ``top5_<pct>pct``, ``n_labelled_<pct>pct`` per fraction.
     """
-    from stages.features import read_features
+    from stages.features import read_train_val
 
     cfg = params.fewshot
     root = Path(params.paths.features)
-    train_x, train_y, train_keys, meta = read_features(root / "train")
-    val_x, val_y, _, _ = read_features(root / "val")
-    if train_x.shape[1] != val_x.shape[1]:
-        raise StageError(f"feature dimensions differ: {root / 'train'} has D = {train_x.shape[1]}, "
-                         f"{root / 'val'} has D = {val_x.shape[1]}")
-    num_classes = meta.get("num_classes") if isinstance(meta.get("num_classes"), int) else None
+    data = read_train_val(root, params.paths.teacher_backbone)
+    train_x, train_y, train_keys, val_x, val_y = data.train_x, data.train_y, data.train_keys, data.val_x, data.val_y
+    num_classes = data.num_classes
     try:
         subsets = fewshot_subsets(train_y, train_keys, cfg.fractions, cfg.seed)
     except ValueError as exc:

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from stages.atomic import write_json
 from stages.cli import StageError, run_stage
-from stages.features import check_features_checkpoint, read_features
+from stages.features import read_train_val
 from stages.params import Params
 
 logger = logging.getLogger(__name__)
@@ -244,11 +244,6 @@ def _flat_metrics(results: dict[int, dict[str, float]], prefix: str = "") -> dic
     return {f"{prefix}{name}_k{k}": float(res[name]) for k, res in results.items() for name in ("top1", "top5")}
 
 
-def _num_classes(metas: Sequence[dict[str, Any]]) -> int | None:
-    values = {m["num_classes"] for m in metas if isinstance(m.get("num_classes"), int)}
-    return max(values) if values else None
-
-
 def _evaluate(params: Params, train: tuple, val: tuple, num_classes: int | None, what: str) -> dict:
     results = knn_classify_multi(
         train[0], train[1], val[0], val[1], params.knn.k, params.knn.temperature, num_classes
@@ -301,27 +296,18 @@ def run(params: Params) -> dict[str, float]:
     from stages.distributed import is_main_process
 
     features_dir = Path(params.paths.features)
-    train_dir, val_dir = features_dir / "train", features_dir / "val"
-    train_x, train_y, _, train_meta = read_features(train_dir)
-    val_x, val_y, _, val_meta = read_features(val_dir)
-    for directory, meta in ((train_dir, train_meta), (val_dir, val_meta)):
-        check_features_checkpoint(meta, params.paths.teacher_backbone, directory)
-    if train_x.shape[1] != val_x.shape[1]:
-        raise StageError(
-            f"feature dimensions differ: {train_dir / 'features.npy'} has D = {train_x.shape[1]}, "
-            f"{val_dir / 'features.npy'} has D = {val_x.shape[1]} (extracted with different models "
-            f"or poolings? train: {train_meta.get('pooling')}, val: {val_meta.get('pooling')})"
-        )
-    num_classes = _num_classes([train_meta, val_meta])
-    for directory, labels in ((train_dir, train_y), (val_dir, val_y)):
-        if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise StageError(f"{directory / 'labels.npy'}: labels outside [0, {num_classes}) of meta.json")
+    data = read_train_val(features_dir, params.paths.teacher_backbone)
+    num_classes = data.num_classes
+    if data.train_meta.get("pooling", "cls") != "cls":
+        logger.warning("k-NN on %s features of %s (extract.pooling); the paper's k-NN reads the CLS token",
+                       data.train_meta["pooling"], features_dir)
     try:
-        metrics = _flat_metrics(_evaluate(params, (train_x, train_y), (val_x, val_y), num_classes, "features"))
+        metrics = _flat_metrics(_evaluate(params, (data.train_x, data.train_y), (data.val_x, data.val_y),
+                                          num_classes, "features"))
     except ValueError as exc:
-        raise StageError(f"k-NN on {train_dir} / {val_dir}: {exc}") from None
-    metrics["n_train"], metrics["n_val"] = float(train_x.shape[0]), float(val_x.shape[0])
-    del train_x, val_x
+        raise StageError(f"k-NN on {features_dir}/train and val: {exc}") from None
+    metrics["n_train"], metrics["n_val"] = float(data.train_x.shape[0]), float(data.val_x.shape[0])
+    del data
 
     if params.knn.baselines:
         from stages.extract import check_extract_params

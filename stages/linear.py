@@ -272,22 +272,37 @@ def _per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+def _pooled(pooling: Any, blocks: Any) -> tuple:
+    """(pooling, blocks), the CLS of the last block alone named as "cls" is."""
+    if pooling == "cls" or (pooling == "last_blocks" and blocks == 1):
+        return "cls", 1
+    return pooling, blocks if pooling == "last_blocks" else 1
+
+
+def _warn_unlike_full_mode(params: Params, meta: dict[str, Any], root: Path) -> None:
+    """Mode features trains on whatever extract pooled; say so when mode full (the paper's
+    protocol) would pool otherwise."""
+    try:
+        wanted = _pooled(*linear_pooling(params))
+    except StageError:  # mode full's own checks (crop sizes, depth) do not concern mode features
+        return
+    if _pooled(meta.get("pooling"), meta.get("n_last_blocks")) != wanted:
+        logger.warning("mode features trains on the %s features of %s; mode full (the paper's protocol: "
+                       "linear.n_last_blocks, avgpool_patchtokens) would pool %s %s: set extract.pooling to match",
+                       meta.get("pooling"), root, *wanted)
+
+
 def _features_data(params: Params, batch_size: int, rank: int, world_size: int):
     """Mode features: (training batches, val features, val labels, num classes, source sha)."""
-    from stages.features import read_features
+    from stages.features import read_train_val
 
     root = Path(params.paths.features)
-    train_x, train_y, _, train_meta = read_features(root / "train")
-    val_x, val_y, _, val_meta = read_features(root / "val")
-    if train_x.shape[1] != val_x.shape[1]:
-        raise StageError(f"feature dimensions differ: {root / 'train'} has D = {train_x.shape[1]}, "
-                         f"{root / 'val'} has D = {val_x.shape[1]}")
-    num_classes = int(train_meta.get("num_classes") or 0) or int(max(train_y.max(), val_y.max())) + 1
-    for directory, labels in ((root / "train", train_y), (root / "val", val_y)):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise StageError(f"{directory / 'labels.npy'}: labels outside [0, {num_classes})")
+    data = read_train_val(root, params.paths.teacher_backbone)
+    train_x, train_y, train_meta, val_x, val_y = data.train_x, data.train_y, data.train_meta, data.val_x, data.val_y
+    num_classes = data.num_classes or int(max(train_y.max(initial=0), val_y.max(initial=0))) + 1
     logger.info("mode features: %d train / %d val features of dim %d (pooling %s)", train_x.shape[0],
                 val_x.shape[0], train_x.shape[1], train_meta.get("pooling"))
+    _warn_unlike_full_mode(params, train_meta, root)
     batches = FeatureBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), batch_size, params.linear.seed,
                              rank, world_size)
     source = f"{train_meta.get('checkpoint_sha256')}:{train_meta.get('pooling')}:{train_x.shape}"

@@ -146,6 +146,17 @@ def test_features_mode_reaches_high_accuracy_on_separable_features(tmp_path: Pat
     assert metrics["loss"] < 0.1
 
 
+def test_features_mode_warns_when_extract_pooled_unlike_the_protocol(tmp_path: Path, caplog) -> None:
+    two = validate_params(eval_config(tmp_path, linear={"n_last_blocks": 2}))  # the tiny ViT has 2 blocks
+    one = validate_params(eval_config(tmp_path, linear={"n_last_blocks": 1}))
+    with caplog.at_level("WARNING", logger="stages.linear"):
+        linear._warn_unlike_full_mode(two, {"pooling": "last_blocks", "n_last_blocks": 2}, tmp_path)
+        linear._warn_unlike_full_mode(one, {"pooling": "cls"}, tmp_path)  # the last block's CLS either way
+        assert caplog.text == ""
+        linear._warn_unlike_full_mode(two, {"pooling": "cls"}, tmp_path)
+    assert "trains on the cls features" in caplog.text and "would pool last_blocks 2" in caplog.text
+
+
 class Killed(Exception):
     pass
 

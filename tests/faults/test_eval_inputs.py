@@ -1,5 +1,5 @@
-"""Fault 7: evaluation inputs that do not fit, through the `knn` and `linear` stages' command
-lines: train/val features of different dimensions, labels that do not match the features, and
+"""Fault 7: evaluation inputs that do not fit, through the `knn`, `linear` and `fewshot` stages'
+command lines: train/val features of different dimensions, labels that do not match the features, and
 features whose meta.json names another checkpoint than paths.teacher_backbone. A linear
 checkpoint made on features of another dimension is not loaded into the new classifier."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import knn, linear
+from stages import fewshot, knn, linear
 from stages.features import FEATURES_FILE, LABELS_FILE, META_FILE, write_features
 from tiny_config import tiny_params, write_params
 
@@ -52,6 +52,10 @@ def failure(main, params_file: Path, caplog) -> str:
     return messages[0]
 
 
+# every stage that reads train/ and val/ features (`stages.features.read_train_val`)
+READERS, READER_IDS = [knn.main, linear.main, fewshot.main], ["knn", "linear", "fewshot"]
+
+
 def test_matching_inputs_evaluate(tmp_path: Path, caplog) -> None:
     """The control: the workspace as made evaluates (so the failures below are the faults')."""
     params_file, params = make_workspace(tmp_path)
@@ -60,7 +64,7 @@ def test_matching_inputs_evaluate(tmp_path: Path, caplog) -> None:
     assert (Path(params["paths"]["metrics"]) / "knn.json").is_file()
 
 
-@pytest.mark.parametrize("main", [knn.main, linear.main], ids=["knn", "linear"])
+@pytest.mark.parametrize("main", READERS, ids=READER_IDS)
 def test_features_of_another_dimension(tmp_path: Path, main, caplog) -> None:
     params_file, params = make_workspace(tmp_path, val_dim=6)
     message = failure(main, params_file, caplog)
@@ -69,7 +73,7 @@ def test_features_of_another_dimension(tmp_path: Path, main, caplog) -> None:
     assert str(features / "train") in message and str(features / "val") in message
 
 
-@pytest.mark.parametrize("main", [knn.main, linear.main], ids=["knn", "linear"])
+@pytest.mark.parametrize("main", READERS, ids=READER_IDS)
 def test_label_count_mismatch(tmp_path: Path, main, caplog) -> None:
     params_file, params = make_workspace(tmp_path)
     labels = Path(params["paths"]["features"]) / "val" / LABELS_FILE
@@ -78,7 +82,7 @@ def test_label_count_mismatch(tmp_path: Path, main, caplog) -> None:
     assert str(labels) in message and f"({N_VAL - 1},)" in message and f"{N_VAL} rows" in message
 
 
-@pytest.mark.parametrize("main", [knn.main, linear.main], ids=["knn", "linear"])
+@pytest.mark.parametrize("main", READERS, ids=READER_IDS)
 def test_labels_outside_the_classes(tmp_path: Path, main, caplog) -> None:
     params_file, params = make_workspace(tmp_path)
     labels = Path(params["paths"]["features"]) / "train" / LABELS_FILE
@@ -87,16 +91,17 @@ def test_labels_outside_the_classes(tmp_path: Path, main, caplog) -> None:
     assert str(labels) in message and f"[0, {CLASSES})" in message
 
 
-def test_features_from_another_checkpoint(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("main", READERS, ids=READER_IDS)
+def test_features_from_another_checkpoint(tmp_path: Path, main, caplog) -> None:
     params_file, params = make_workspace(tmp_path)
     teacher = Path(params["paths"]["teacher_backbone"])
     old = hashlib.sha256(teacher.read_bytes()).hexdigest()
     teacher.write_bytes(b"teacher weights v2")  # pretrain ran again; extract did not
-    message = failure(knn.main, params_file, caplog)
+    message = failure(main, params_file, caplog)
     meta = Path(params["paths"]["features"]) / "train" / META_FILE
     assert str(meta) in message and str(teacher) in message
     assert old in message and hashlib.sha256(b"teacher weights v2").hexdigest() in message
-    assert not (Path(params["paths"]["metrics"]) / "knn.json").exists()
+    assert not list(Path(params["paths"]["metrics"]).glob("*.json"))
 
 
 def test_linear_checkpoint_of_another_dimension_is_not_loaded(tmp_path: Path, caplog) -> None:
