@@ -20,10 +20,11 @@ Descriptor, as the reference: each image resized to ``imsize x imsize`` (bicubic
 normalised; the last block's final-norm tokens give [CLS ‖ GeM(p=4) of the patch tokens], 2D
 dims. Optional whitening learned on a separate image folder: subtract that set's mean feature,
 project on its covariance's eigenvectors scaled by eigenvalue^-0.5 (eigenvalues floored at
-1e-5 x the largest, as the reference's PCA). The reference computes that covariance from the
-uncentred features (a second-moment matrix); here it is the covariance of the centred features,
-which is what PCA whitening means. Descriptors are then L2-normalised and the ``topk`` (20) most
-cosine-similar database images are retrieved per query.
+1e-5 x the largest, as the reference's PCA). That matrix is, as in the reference, the uncentred
+second-moment matrix of the learning set (``copydetect.whitening_centred: true``: the covariance
+of the centred features, PCA whitening proper, which the paper's numbers do not use).
+Descriptors are then L2-normalised and the ``topk`` (20) most cosine-similar database images are
+retrieved per query.
 
 Score: per query, average precision over those top-k results (`score_ap_from_ranks`: trapezoids
 over recall, the Holidays package's score_ap_from_ranks_1); mAP per block (``original``,
@@ -249,8 +250,8 @@ class Whitening:
 
     Attributes:
         mean: (D,) mean of the learning set.
-        projection: (D, D) rows = eigenvectors of its covariance, decreasing eigenvalue, each
-            divided by eigenvalue^power.
+        projection: (D, D) rows = eigenvectors of its second-moment (or covariance) matrix,
+            decreasing eigenvalue, each divided by eigenvalue^power.
     """
 
     mean: torch.Tensor
@@ -258,13 +259,14 @@ class Whitening:
 
     @classmethod
     def learn(cls, features: torch.Tensor, power: float = WHITENING_POWER,
-              floor: float = EIGENVALUE_FLOOR) -> "Whitening":
-        """Fit on (N, D) features: covariance of the centred features (float64), eigenvalues
-        floored at ``floor`` x the largest, projection ``diag(eig^-power) V^T``."""
+              floor: float = EIGENVALUE_FLOOR, centred: bool = False) -> "Whitening":
+        """Fit on (N, D) features: the eigen-decomposition (float64) of their second-moment matrix
+        X^T X / N, as the reference, or with `centred` of their covariance; eigenvalues floored at
+        ``floor`` x the largest, projection ``diag(eig^-power) V^T``."""
         x = features.double()
         mean = x.mean(dim=0)
-        centred = x - mean
-        cov = centred.T @ centred / max(1, x.shape[0])
+        basis = x - mean if centred else x
+        cov = basis.T @ basis / max(1, x.shape[0])
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         eigenvalues = eigenvalues.clamp(min=float(eigenvalues.max()) * floor)
         order = torch.argsort(eigenvalues, descending=True)
@@ -301,6 +303,7 @@ def evaluate_copydays(
     topk: int = TOP_K,
     distractors: Sequence[Path] = (),
     whitening: Sequence[Path] = (),
+    whitening_centred: bool = False,
     batch_size: int = 128,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
@@ -320,7 +323,7 @@ def evaluate_copydays(
     block_feats = {name: (database[: len(data.originals)] if name == "original" else feats(files, name))
                    for name, files in data.blocks.items()}
     if whitening:
-        white = Whitening.learn(feats(whitening, "whitening"))
+        white = Whitening.learn(feats(whitening, "whitening"), centred=whitening_centred)
         database = white.apply(database)
         block_feats = {name: white.apply(f) for name, f in block_feats.items()}
     metrics: dict[str, float] = {}
@@ -364,7 +367,7 @@ def run(params: Params) -> dict[str, float]:
     backbone = load_rgb_teacher(params)
     metrics = evaluate_copydays(
         backbone, data, imsize=cfg.imsize, topk=cfg.topk, distractors=distractors, whitening=whitening,
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
+        whitening_centred=cfg.whitening_centred, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
     )
     write_json(Path(params.paths.metrics) / "copydetect.json", metrics)
     return metrics

@@ -280,6 +280,9 @@ class Copydetect(Section):
     imsize: PositiveInt = 320  # images resized to imsize x imsize (bicubic)
     distractors: str | None = None  # a folder of images added to the database (paper: 10k YFCC100M)
     whitening: str | None = None  # a folder of images to learn PCA whitening on (paper: 20k YFCC100M)
+    # whitening from the covariance of the centred features instead of the reference's uncentred
+    # second-moment matrix (the paper's numbers use the latter)
+    whitening_centred: bool = False
     topk: PositiveInt = 20  # results per query the AP is computed over
     batch_size: PositiveInt = 128
     num_workers: NonNegInt = 10
@@ -298,6 +301,9 @@ class Davis(Section):
     size_mask_neighborhood: NonNegInt = 12  # source window +-N patches around a target patch; 0: all
     topk: PositiveInt = 5  # strongest sources kept per target patch
     temperature: PositiveFloat = 0.1  # affinity exp(cos / temperature)
+    # void (255) annotation pixels: false counts them as background, as the DAVIS-2017 toolkit's
+    # published numbers (its loader zeroes them); true leaves them out of J and F
+    exclude_void: bool = False
     short_side: PositiveInt = 480  # frames resized so that the shorter side is this
     long_side_multiple: PositiveInt = 64  # ... and the longer side rounded down to a multiple of this
     device: Literal["auto", "cpu", "cuda"] = "auto"

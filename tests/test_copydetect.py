@@ -61,10 +61,10 @@ def test_positives_share_the_first_four_characters() -> None:
     assert positives_by_prefix(queries, originals) == [[1], [0], [2], [0]]
 
 
-def test_whitening_is_pca_whitening_with_power_half() -> None:
+def test_whitening_centred_is_pca_whitening_with_power_half() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)) + 3.0
-    white = Whitening.learn(torch.from_numpy(x).float())
+    white = Whitening.learn(torch.from_numpy(x).float(), centred=True)
     # Independent numpy: covariance of the centred set, eigen-decomposition, scale by eig^-0.5.
     centred = x - x.mean(axis=0)
     eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / len(x))
@@ -76,6 +76,21 @@ def test_whitening_is_pca_whitening_with_power_half() -> None:
     # Fewer samples than dimensions: eigenvalues floored at 1e-5 x the largest, still finite.
     few = Whitening.learn(torch.from_numpy(rng.normal(size=(3, 8))).float())
     assert torch.isfinite(few.projection).all()
+
+
+def test_whitening_by_default_is_the_references_second_moment_pca() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4)) @ rng.normal(size=(4, 4)) + 2.0
+    white = Whitening.learn(torch.from_numpy(x).float())
+    # eval_copy_detection.py: subtract the mean, then project on the eigenvectors of the
+    # uncentred X^T X / N, each scaled by eigenvalue^-0.5
+    eigenvalues, eigenvectors = np.linalg.eigh(x.T @ x / len(x))
+    order = np.argsort(eigenvalues)[::-1]
+    expected = (x - x.mean(axis=0)) @ eigenvectors[:, order] / np.sqrt(eigenvalues[order])
+    got = white.apply(torch.from_numpy(x).float()).numpy().astype(np.float64)
+    np.testing.assert_allclose(np.abs(got), np.abs(expected), rtol=1e-3, atol=1e-3)
+    centred = Whitening.learn(torch.from_numpy(x).float(), centred=True).apply(torch.from_numpy(x).float())
+    assert not np.allclose(np.abs(got), np.abs(centred.numpy()), atol=1e-2)  # the two differ here
 
 
 def test_copy_descriptor_is_cls_and_gem4_of_the_last_layer() -> None:

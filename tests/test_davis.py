@@ -198,7 +198,7 @@ def test_evaluate_shifted_results(tmp_path):
         if t in (0, n - 1):
             pred[:] = 1  # first and last frames are not scored
         write_indexed_png(results / "toy" / f"{t:05d}.png", pred)
-    metrics = evaluate(root, results, ["toy"])
+    metrics = evaluate(root, results, ["toy"], exclude_void=True)
     j1 = 10 * 8 / (10 * 12)
     radius = boundary_radius(shape)
     f1 = _brute_force_f(masks[1] == 1, np.roll(masks[1] == 1, 2, axis=1), radius)
@@ -209,8 +209,8 @@ def test_evaluate_shifted_results(tmp_path):
     assert metrics["J-Recall"] == pytest.approx(50.0)  # object 1 always > 0.5, object 2 never
     assert metrics["J-Decay"] == pytest.approx(0.0)
     assert metrics["n_objects"] == 2 and metrics["n_sequences"] == 1
-    # the toolkit's effective behaviour (void not excluded): object 2 gets J = 50/150 > 0 per frame
-    loose = evaluate(root, results, ["toy"], exclude_void=False)
+    # the default, the toolkit's effective behaviour (void as background)
+    loose = evaluate(root, results, ["toy"])
     assert loose["J-Mean"] == pytest.approx(100 * (j1 + 0.0) / 2)  # gt==2 and pred==2 are disjoint
     # an id above the number of objects, or a missing frame, names the file
     bad = np.zeros(shape, np.uint8)

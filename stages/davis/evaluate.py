@@ -8,10 +8,10 @@ frame (`stages.davis.metrics`), then Mean / Recall / Decay over its frames; the 
 every object of every sequence alike, and J&F-Mean = (J-Mean + F-Mean) / 2.
 
 Numbers are percentages (as the paper's Table 5 and our other metrics), not the toolkit's
-fractions. Void pixels (255 in the annotation) are left out of J and cleared from both masks
-before F, as the toolkit's metric functions intend; note that the toolkit's own loader sets 255
-to 0 before it derives the void mask, so it never excludes any (pass `exclude_void=False` for
-that behaviour).
+fractions. Void pixels (255 in the annotation) count as background by default, as in the
+toolkit's published numbers (its loader sets 255 to 0 before its metric functions see a void
+mask); `exclude_void=True` leaves them out of J and clears them from both masks before F, as those
+metric functions intend.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def score_sequence(
     davis_root: str | Path,
     results_dir: str | Path,
     sequence: str,
-    exclude_void: bool = True,
+    exclude_void: bool = False,
     bound_th: float = BOUNDARY_THRESHOLD,
 ) -> list[ObjectScores]:
     """J and F of every object of one sequence.
@@ -126,7 +126,7 @@ def evaluate_objects(
     davis_root: str | Path,
     results_dir: str | Path,
     sequences: Iterable[str],
-    exclude_void: bool = True,
+    exclude_void: bool = False,
     bound_th: float = BOUNDARY_THRESHOLD,
 ) -> list[ObjectScores]:
     """`score_sequence` over several sequences (with a progress bar), objects in order."""
@@ -156,7 +156,7 @@ def evaluate(
     davis_root: str | Path,
     results_dir: str | Path,
     sequences: Iterable[str],
-    exclude_void: bool = True,
+    exclude_void: bool = False,
     bound_th: float = BOUNDARY_THRESHOLD,
 ) -> dict[str, float]:
     """Score a DAVIS-2017 results folder (semi-supervised protocol).
@@ -165,7 +165,7 @@ def evaluate(
         davis_root: the DAVIS root (Annotations/480p/<seq>/*.png).
         results_dir: <results_dir>/<seq>/<frame>.png palette PNGs of object ids.
         sequences: the sequence names to score (e.g. those of ImageSets/2017/val.txt).
-        exclude_void: leave void (255) pixels out of J and F.
+        exclude_void: leave void (255) pixels out of J and F (default: count them as background).
         bound_th: F's boundary tolerance (0.008 of the diagonal, as the toolkit).
 
     Returns:

@@ -153,7 +153,7 @@ def run(params: Params) -> dict[str, float]:
         for name in tqdm(names, desc="davis", unit="seq"):
             frames += segment_davis_sequence(backbone, root, name, tmp, settings, device)
     logger.info("davis: %d frames written to %s", frames, results)
-    scores = evaluate_objects(root, results, names)
+    scores = evaluate_objects(root, results, names, params.davis.exclude_void)
     metrics = summarize(scores)
     for s in scores:
         logger.info("%s object %d: J&F %.1f (J %.1f, F %.1f)", s.sequence, s.object_id,
