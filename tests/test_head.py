@@ -137,6 +137,22 @@ def test_normalised_last_layer_gives_cosine_logits() -> None:
     np.testing.assert_allclose(_np(head.last_layer.weight.norm(dim=1)), np.ones(30), rtol=1e-6)
 
 
+def test_last_layer_stays_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(3)
+    head = DINOHead(8, 30, hidden_dim=16, bottleneck_dim=4)
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        bottleneck = head.mlp(x)
+    assert bottleneck.dtype == torch.bfloat16 and out.dtype == torch.float32
+    # the bf16 MLP's output, normalised, times the fp32 weight-normed matrix, in float64 here
+    z = _np(bottleneck.float())
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    gain, v = _gain_and_v(head)
+    weight = _np(gain) * _np(v) / np.linalg.norm(_np(v), axis=1, keepdims=True)
+    np.testing.assert_allclose(_np(out), z @ weight.T, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_keys_and_deepcopy() -> None:
     head = DINOHead(8, 30, hidden_dim=16, bottleneck_dim=4)
     keys = set(head.state_dict())

@@ -105,10 +105,14 @@ class DINOHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) features -> (N, out_dim) logits."""
+        """(N, in_dim) features -> (N, out_dim) float32 logits."""
         x = self.mlp(x)
-        x = F.normalize(x, p=2, dim=-1, eps=1e-12)
-        return self.last_layer(x)
+        x = F.normalize(x.float(), p=2, dim=-1, eps=1e-12)
+        # The last layer runs in fp32 even under autocast: the teacher's logits are divided by
+        # 0.04, which would turn bf16's rounding (8-bit mantissa; the reference's fp16 has 11) into
+        # ~5 % noise on its targets. K x bottleneck is a small share of a step's FLOPs.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(x)
 
 
 class DINOPredictor(nn.Module):
