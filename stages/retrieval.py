@@ -354,19 +354,21 @@ def image_features(
     Raises:
         StageError: an undecodable image, or one smaller than a patch after resizing.
     """
-    from stages.extract import pool_features
+    from stages.extract import MULTISCALE_SCALES, pool_features
 
     device = torch.device(device)
     backbone = backbone.eval().to(device)
     patch = int(getattr(backbone, "patch_size", 1) or 1)
+    smallest = min(MULTISCALE_SCALES) if multiscale else 1.0  # the scale whose image must still hold a patch
     loader = DataLoader(RetrievalImages(paths, imsize, boxes), batch_size=1, shuffle=False,
                         num_workers=num_workers)
     feats = []
     for index, images in enumerate(tqdm(loader, desc=desc, unit="img", total=len(paths))):
         height, width = images.shape[-2] // patch * patch, images.shape[-1] // patch * patch
-        if height == 0 or width == 0:
+        if int(min(images.shape[-2:]) * smallest) < patch:
+            at_scale = f" (at scale {smallest} of the multiscale descriptor)" if multiscale else ""
             raise StageError(f"{paths[index]}: {images.shape[-1]}x{images.shape[-2]} after resizing to "
-                             f"imsize {imsize} is smaller than the patch size {patch}")
+                             f"imsize {imsize} is smaller than the patch size {patch}{at_scale}")
         images = images.to(device)
         if multiscale:
             out = pool_features(backbone, images, "multiscale")

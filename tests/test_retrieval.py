@@ -212,6 +212,15 @@ def test_image_features_single_and_multiscale_match_hand_computation(tmp_path: P
     torch.testing.assert_close(got_multi, multi, atol=1e-5, rtol=1e-5)
 
 
+def test_an_image_too_small_for_the_half_scale_is_named(tmp_path: Path) -> None:
+    vit = build_backbone("vit_tiny", patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2).eval()
+    path = tmp_path / "narrow.png"
+    Image.new("RGB", (90, 18), (120, 60, 30)).save(path)  # thumbnail at imsize 30: 30 x 6
+    assert image_features(vit, [path], 30).shape == (1, 32)  # 6 px hold one 4-px patch
+    with pytest.raises(StageError, match=r"narrow.png: 30x6 .* patch size 4 \(at scale 0.5"):
+        image_features(vit, [path], 30, multiscale=True)  # 3 px at half scale do not
+
+
 # ------------------------------------------------------------------------------------ fixture
 
 
