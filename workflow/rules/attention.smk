@@ -5,7 +5,7 @@
 
 rule attention:
     input:
-        code=["stages/attention.py", "stages/dino", "stages/device.py"],
+        code=code_files(["stages/attention.py", "stages/dino", "stages/device.py"]),
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
         metrics=f"{config['paths']['metrics']}/attention.json",

@@ -52,6 +52,19 @@ PARAMS = validated_params(PARAMS_FILE)
 config.update(PARAMS.model_dump(mode="json"))
 
 
+def code_files(paths: list[str]) -> list[str]:
+    """A rule's code inputs with each folder replaced by the files in it: Snakemake dates a folder
+    by the folder's own mtime, which editing a file inside does not change."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(str(f) for f in path.rglob("*")
+                            if f.is_file() and "__pycache__" not in f.parts and f.suffix not in (".so", ".pyc"))
+        else:
+            files.append(str(path))
+    return files
+
+
 def rule_resources(name: str) -> RuleResources:
     """The params' `resources.<name>` entry, or the defaults for a rule without one."""
     return getattr(PARAMS.resources, name, None) or RuleResources()

@@ -7,7 +7,7 @@
 
 rule copydetect:
     input:
-        code=[
+        code=code_files([
             "stages/copydetect.py",
             "stages/retrieval.py",
             "stages/extract.py",
@@ -18,7 +18,7 @@ rule copydetect:
             "stages/fixtures",
             "stages/device.py",
             "stages/file_digest.py",
-        ],
+        ]),
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
         metrics=f"{config['paths']['metrics']}/copydetect.json",

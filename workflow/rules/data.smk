@@ -3,12 +3,12 @@
 
 rule shard:
     input:
-        code=[
+        code=code_files([
             "stages/shard.py",
             "stages/shard_format.py",
             "stages/sources",
             "stages/file_digest.py",
-        ],
+        ]),
     output:
         shards=directory(config["paths"]["shards"]),
         metrics=f"{config['paths']['metrics']}/shard.json",

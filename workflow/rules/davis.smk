@@ -7,7 +7,7 @@
 
 rule davis:
     input:
-        code=["stages/davis", "stages/dino", "stages/fixtures", "stages/device.py"],
+        code=code_files(["stages/davis", "stages/dino", "stages/fixtures", "stages/device.py"]),
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
         results=directory(config["davis"]["results"]),

@@ -5,7 +5,7 @@
 
 rule extract:
     input:
-        code=[
+        code=code_files([
             "stages/extract.py",
             "stages/features.py",
             "stages/dino",
@@ -13,7 +13,7 @@ rule extract:
             "stages/shard_format.py",
             "stages/device.py",
             "stages/file_digest.py",
-        ],
+        ]),
         shards=config["paths"]["shards"],
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
@@ -34,7 +34,7 @@ rule extract:
 
 rule knn:
     input:
-        code=[
+        code=code_files([
             "stages/knn.py",
             "stages/knn_bf16.py",
             "stages/_knn_select.c",
@@ -45,7 +45,7 @@ rule knn:
             "stages/shard_format.py",
             "stages/device.py",
             "stages/file_digest.py",
-        ],
+        ]),
         features=config["paths"]["features"],
         shards=config["paths"]["shards"],
     output:

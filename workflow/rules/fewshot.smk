@@ -5,7 +5,7 @@
 
 rule fewshot:
     input:
-        code=["stages/fewshot.py", "stages/features.py", "stages/file_digest.py"],
+        code=code_files(["stages/fewshot.py", "stages/features.py", "stages/file_digest.py"]),
         features=config["paths"]["features"],
     output:
         metrics=f"{config['paths']['metrics']}/fewshot.json",

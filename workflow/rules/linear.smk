@@ -9,7 +9,7 @@
 
 rule linear:
     input:
-        code=[
+        code=code_files([
             "stages/linear.py",
             "stages/extract.py",
             "stages/features.py",
@@ -21,7 +21,7 @@ rule linear:
             "stages/epoch_order.py",
             "stages/file_digest.py",
             "stages/fingerprinted_checkpoint.py",
-        ],
+        ]),
         features=config["paths"]["features"],
         shards=config["paths"]["shards"],
         teacher_backbone=config["paths"]["teacher_backbone"],

@@ -8,7 +8,7 @@
 
 rule pretrain:
     input:
-        code=[
+        code=code_files([
             "stages/pretrain.py",
             "stages/dino",
             "stages/distributed.py",
@@ -16,7 +16,7 @@ rule pretrain:
             "stages/preemption.py",
             "stages/shard_format.py",
             "stages/file_digest.py",
-        ],
+        ]),
         shards=config["paths"]["shards"],
     output:
         teacher_backbone=config["paths"]["teacher_backbone"],

@@ -13,7 +13,7 @@
 
 rule report:
     input:
-        code=["stages/report.py"],
+        code=code_files(["stages/report.py"]),
         metrics=[f"{config['paths']['metrics']}/{stage}.json" for stage in config["report"]["inputs"]],
     output:
         report=report(

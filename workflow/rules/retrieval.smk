@@ -7,7 +7,7 @@
 
 rule retrieval:
     input:
-        code=[
+        code=code_files([
             "stages/retrieval.py",
             "stages/extract.py",
             "stages/features.py",
@@ -17,7 +17,7 @@ rule retrieval:
             "stages/fixtures",
             "stages/device.py",
             "stages/file_digest.py",
-        ],
+        ]),
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:
         metrics=f"{config['paths']['metrics']}/retrieval.json",

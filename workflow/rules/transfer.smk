@@ -9,7 +9,7 @@
 
 rule transfer:
     input:
-        code=[
+        code=code_files([
             "stages/transfer.py",
             "stages/dino",
             "stages/distributed.py",
@@ -20,7 +20,7 @@ rule transfer:
             "stages/epoch_order.py",
             "stages/file_digest.py",
             "stages/fingerprinted_checkpoint.py",
-        ],
+        ]),
         shards=config["paths"]["shards"],
         teacher_backbone=config["paths"]["teacher_backbone"],
     output:

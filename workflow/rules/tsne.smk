@@ -3,7 +3,7 @@
 
 rule tsne:
     input:
-        code=["stages/tsne.py", "stages/features.py", "stages/file_digest.py"],
+        code=code_files(["stages/tsne.py", "stages/features.py", "stages/file_digest.py"]),
         features=config["paths"]["features"],
     output:
         metrics=f"{config['paths']['metrics']}/tsne.json",
