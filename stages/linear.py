@@ -33,6 +33,7 @@ top-5 counts the min(5, C) best classes, as `stages.knn` does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -305,8 +306,12 @@ def _features_data(params: Params, batch_size: int, rank: int, world_size: int):
     _warn_unlike_full_mode(params, train_meta, root)
     batches = FeatureBatches(torch.from_numpy(train_x), torch.from_numpy(train_y), batch_size, params.linear.seed,
                              rank, world_size)
-    source = f"{train_meta.get('checkpoint_sha256')}:{train_meta.get('pooling')}:{train_x.shape}"
-    return batches, torch.from_numpy(val_x), torch.from_numpy(val_y), num_classes, source
+    # the arrays' own hash: a finished checkpoint is reused only for these very features (another
+    # extract.resize or precision gives other features from the same checkpoint and pooling)
+    digest = hashlib.sha256()
+    for array in (train_x, train_y, val_x, val_y):
+        digest.update(np.ascontiguousarray(array).data)
+    return batches, torch.from_numpy(val_x), torch.from_numpy(val_y), num_classes, digest.hexdigest()
 
 
 def _full_data(params: Params, batch_size: int, device: torch.device, rank: int, world_size: int):
@@ -315,7 +320,7 @@ def _full_data(params: Params, batch_size: int, device: torch.device, rank: int,
     from stages.dino.checkpoint import load_teacher, teacher_path
     from stages.extract import extract_split
     from stages.file_digest import file_sha256
-    from stages.shard_format import read_manifest
+    from stages.shard_format import MANIFEST_NAME, read_manifest
 
     pooling, n_last_blocks = linear_pooling(params)
     ckpt = teacher_path(params)
@@ -334,7 +339,8 @@ def _full_data(params: Params, batch_size: int, device: torch.device, rank: int,
     batches = ImageBatches(params, backbone, pooling, n_last_blocks, batch_size, device, rank, world_size)
     logger.info("mode full: %d train images, %d val features of dim %d (pooling %s, n_last_blocks %d)",
                 batches.num_samples, val_x.shape[0], val_x.shape[1], pooling, n_last_blocks)
-    return batches, val_x, val_y, num_classes, file_sha256(ckpt)
+    # the checkpoint and the shards (manifest.json names and hashes every shard) determine the data
+    return batches, val_x, val_y, num_classes, f"{file_sha256(ckpt)}:{file_sha256(Path(params.paths.shards) / MANIFEST_NAME)}"
 
 
 def run(params: Params) -> dict[str, float]:

@@ -207,6 +207,17 @@ def test_other_params_start_from_scratch(tmp_path: Path, caplog: pytest.LogCaptu
     assert state["fingerprint"]["linear"]["lr"] == 1.0 and [r["epoch"] for r in state["history"]] == [1, 2]
 
 
+def test_other_features_of_the_same_checkpoint_start_from_scratch(tmp_path: Path, caplog) -> None:
+    """e.g. `dvc exp run -S extract.resize=32`: new features, the same checkpoint, pooling and shape."""
+    params = features_params(tmp_path, epochs=2)
+    separable_features(Path(params.paths.features), seed=0)
+    first = linear.run(params)
+    separable_features(Path(params.paths.features), seed=1)
+    with caplog.at_level("WARNING", logger="stages.linear"):
+        second = linear.run(params)
+    assert "starting from scratch" in caplog.text and second != first
+
+
 # ------------------------------------------------------------------------------------------------
 # the stage, full mode (augmented images through the frozen backbone)
 # ------------------------------------------------------------------------------------------------
