@@ -82,8 +82,9 @@ def encode_image(
 ) -> bytes:
     """Encode pixels deterministically: no metadata (no ICC profile, EXIF, text chunks, dpi).
 
-    Grayscale (``L``) stays one channel; everything else is converted to RGB (alpha is dropped,
-    as the reference's ``pil_loader`` does with ``convert("RGB")``).
+    Grayscale (``L``) stays one channel, 16-bit grayscale becomes 8-bit (the high byte);
+    everything else is converted to RGB (alpha is dropped, as the reference's ``pil_loader`` does
+    with ``convert("RGB")``).
 
     Args:
         image: a PIL image, or a uint8 array of shape (H, W) (grayscale) or (H, W, 3) (RGB).
@@ -102,6 +103,9 @@ def encode_image(
             )
         pixels = Image.fromarray(np.ascontiguousarray(image), mode="L" if image.ndim == 2 else "RGB")
     else:
+        if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+            # 16-bit grayscale: PIL's conversion would clamp every value above 255 to white
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
         mode = image.mode if image.mode in ("L", "RGB") else "RGB"
         converted = image.convert(mode) if image.mode != mode else image
         # A fresh image carries no .info, so nothing from the source file leaks into the output.

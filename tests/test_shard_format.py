@@ -327,6 +327,16 @@ def test_encode_image_is_deterministic_and_drops_metadata() -> None:
         encode_image(pixels.astype(np.float32), "png")
 
 
+def test_16_bit_grayscale_keeps_its_high_byte() -> None:
+    values = np.array([[0, 1000, 40000, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")  # a 16-bit PNG
+    opened = Image.open(io.BytesIO(buffer.getvalue()))
+    assert opened.mode.startswith("I")
+    pixels = np.asarray(Image.open(io.BytesIO(encode_image(opened, "png"))))
+    assert pixels.tolist() == [[0, 3, 156, 255]]  # not [0, 255, 255, 255]
+
+
 def test_decode_image_gives_rgb_and_names_undecodable_key() -> None:
     gray = np.arange(30, dtype=np.uint8).reshape(5, 6)
     image = decode_image(Sample("k", encode_image(gray, "png"), "png", 0))
