@@ -7,7 +7,8 @@
    per ColorJitter position, blur as matrices) renders on CUDA the views the CPU renders from the
    same draws (differences in 1/255: the resampling's 8-bit rounding may flip a level).
 4. The tiny DAG through the stage functions on CUDA with bf16 and batched augmentation:
-   shard → pretrain → extract → knn, loss finite, k-NN above chance.
+   shard → pretrain → extract → knn, loss finite, k-NN above chance; and a new trainer resumes
+   from the checkpoint it wrote (`resume_on_cuda`: true).
 
     python -m benchmarks.cuda_check [--workdir DIR]
 """
@@ -122,6 +123,11 @@ def main(argv=None) -> dict:
     shard.run(params)
     trainer = pretrain.Trainer(params, init_distributed())  # pretrain.run minus dvclive logging
     result["pretrain"] = trainer.fit(live=None)
+    try:  # a preempted GPU run resumes from the checkpoint just written (loaded onto the GPU)
+        resumed = pretrain.Trainer(params, init_distributed())
+        result["resume_on_cuda"] = resumed.try_resume() and resumed.progress.global_step == trainer.progress.global_step
+    except Exception as exc:
+        result["resume_on_cuda"] = repr(exc)
     pretrain.export_teacher(trainer, params.paths.teacher_backbone)
     extract.run(params)
     result["knn"] = knn.run(params)

@@ -2,24 +2,18 @@
 # Issue 8's device run: a preset and variants of it side by side on one GPU
 # (benchmarks.gpu_recipes, sized to the time left), then GPU benchmarks while time remains.
 #   device run (carry .whl .fmnist): [EPOCHS=60] bash benchmarks/gpu_recipes.sh SECONDS PRESET NAME="key=value ..." ...
-# .whl: the wheels named in gpu_suite.sh; .fmnist: the four Fashion-MNIST .gz files
-# (cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/; both git-ignored via .git/info/exclude).
+# .whl: see benchmarks/device_env.sh; .fmnist: the four Fashion-MNIST .gz files
+# (cp /usr/share/datasets/fashion-mnist/*.gz .fmnist/; both git-ignored).
 set -u
 LIMIT=$1 PRESET=$2
 shift 2
 OUT=${OUT:-/tmp/dino-recipes}
 mkdir -p "$OUT"
-if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source benchmarks/device_env.sh
 if [ -d .fmnist ]; then
   mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/*.gz /usr/share/datasets/fashion-mnist/
 fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 RECIPE_PROBES=${RECIPE_PROBES:-/tmp/probes}
-bash benchmarks/build_ext.sh || echo "C extensions not built (no gcc or Python headers?): augment: pil and the bf16 k-NN unavailable" >&2
+export OMP_NUM_THREADS=4 RECIPE_PROBES=${RECIPE_PROBES:-/tmp/probes}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } >"$OUT/gpu.txt" 2>&1
 nvidia-smi dmon -s um -d 5 >"$OUT/dmon.txt" 2>&1 &
