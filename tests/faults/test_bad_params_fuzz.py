@@ -209,6 +209,8 @@ def test_valid_files_validate(values: dict, dropped_sections: set, dropped_keys:
             params.get(section, {}).pop(key, None)
         for section in dropped_sections:
             params.pop(section, None)
+        if "model" in params:  # model.img_size must stay a whole number of patches (default 16)
+            params["model"]["img_size"] = 4 * params["model"].get("patch_size", 16)
         loaded = load_params(write_params(Path(tmp) / "params.yaml", params))
         for (section, key), value in values.items():
             if section in dropped_sections or (section, key) in dropped_keys:
