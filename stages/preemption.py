@@ -1,6 +1,7 @@
 """Preemption: SIGTERM or SIGUSR1 (SLURM's `--signal=USR1@<seconds>`) asks the run to stop.
 
-The training loop finishes the current step, writes a checkpoint and calls `leave`, which requeues
+The training loop trains on to its next log step (`pretrain.log_every_steps`: reading the flag is a
+collective, not made every step), writes a checkpoint and calls `leave`, which requeues
 the SLURM job (`scontrol requeue $SLURM_JOB_ID`, when `pretrain.on_preempt` is "requeue" and the
 process runs in a SLURM job) and exits with EXIT_PREEMPTED. The requeued job, or Snakemake's
 retry, or a plain rerun, resumes from that checkpoint exactly.
@@ -36,7 +37,7 @@ class StopRequest:
     def _on_signal(self, signum: int, _frame) -> None:
         self.local = True
         self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: stopping after this step", self.signal_name)
+        logger.warning("%s received: stopping at the next log step", self.signal_name)
 
     @property
     def requested(self) -> bool:

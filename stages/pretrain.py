@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages import preemption
-from stages.atomic import torch_save, write_json
+from stages.atomic import torch_save, write_json, write_text
 from stages.cli import StageError, run_stage
 from stages.distributed import DistInfo, detect_launcher, init_distributed
 from stages.dino.async_saver import AsyncCheckpointSaver
@@ -75,7 +75,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 only: older GPUs (V100, T4) would emulate it, far slower than their fp16
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
@@ -129,6 +130,7 @@ class Progress:
     step_in_epoch: int = 0
     global_step: int = 0
     history: list = field(default_factory=list)  # per-epoch mean loss
+    train_seconds: float = 0.0  # wall-clock time that produced global_step, over every resumed session
 
 
 class Trainer:
@@ -137,7 +139,7 @@ class Trainer:
         p = params.pretrain
         self.device = self._device(p.device)
         self.precision = resolve_precision(p.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
         if p.cuda_graphs:
             self.check_graphable()
@@ -190,7 +192,7 @@ class Trainer:
                            else convert_distributed_batchnorm)
                 self.student, self.teacher = convert(self.student), convert(self.teacher)
             self.student_ddp = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[dist.local_rank] if self.device.type == "cuda" else None
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if p.compile:
             # In place, so state-dict keys stay those of the reference format.
@@ -212,6 +214,7 @@ class Trainer:
         self.saver = AsyncCheckpointSaver(self.checkpoint_dir) if p.async_checkpoint and dist.is_main else None
         self.last_stats: dict[str, float] = {}
         self.saved_step = -1
+        self.clock = time.perf_counter()  # when the time since the last save began
         self.pending_losses: list[tuple[int, int, torch.Tensor]] = []
         self.epoch_losses: list[float] = []  # this epoch's, since the last checkpoint or start
         self.last_loss = float("nan")
@@ -262,13 +265,19 @@ class Trainer:
             "step_in_epoch": self.progress.step_in_epoch,
             "global_step": self.progress.global_step,
             "history": list(self.progress.history),
+            "train_seconds": self.progress.train_seconds,
+            "last_stats": dict(self.last_stats),
             "epoch_losses": list(self.epoch_losses),
             "rng": all_rng_states(),
+            "world_size": self.dist.world_size,
             "params": self.params.model_dump(mode="json"),
         }
 
     def save(self) -> None:
         self.check_losses()
+        now = time.perf_counter()
+        self.progress.train_seconds += now - self.clock
+        self.clock = now
         state = self.state()  # every rank takes part in gathering the RNG states
         self.saved_step = self.progress.global_step
         if self.saver is not None:
@@ -310,6 +319,13 @@ class Trainer:
         if changed:
             logger.warning("%s was trained with other params (%s): starting from scratch", path, ", ".join(changed))
             return False
+        saved_world = state.get("world_size", len(state["rng"]))
+        if saved_world != self.dist.world_size:
+            # Steps per epoch, the schedules' position, each rank's data and the lr scaling all
+            # follow the number of processes: resuming on another count would silently mix them.
+            raise StageError(
+                f"{path} was written by {saved_world} training processes, this run has {self.dist.world_size}: "
+                f"resume with {saved_world}, or move {self.checkpoint_dir} away to train from scratch")
         self.student.load_state_dict(state["student"])
         self.teacher.load_state_dict(state["teacher"])
         load_optimizer_state(self.optimizer, state["optimizer"])
@@ -317,7 +333,9 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state["collapse_guard"])
-        self.progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], list(state["history"]))
+        self.progress = Progress(state["epoch"], state["step_in_epoch"], state["global_step"], list(state["history"]),
+                                 state.get("train_seconds", 0.0))
+        self.last_stats = dict(state.get("last_stats", {}))
         self.epoch_losses = list(state["epoch_losses"])
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
@@ -409,7 +427,7 @@ class Trainer:
         so a checkpoint never holds weights updated by a non-finite step."""
         if not self.pending_losses:
             return []
-        values = torch.stack([loss for _, _, loss in self.pending_losses]).float().tolist()
+        values = self.mean_over_ranks(torch.stack([loss for _, _, loss in self.pending_losses]).float()).tolist()
         pending, self.pending_losses = self.pending_losses, []
         for (step, epoch, _), value in zip(pending, values):
             if not math.isfinite(value):
@@ -443,6 +461,7 @@ class Trainer:
         spe = self.schedules.steps_per_epoch
         images_per_step = p.batch_size_per_gpu * self.dist.world_size
         start_time, start_step = time.perf_counter(), self.progress.global_step
+        self.clock = start_time  # save() adds the time since to progress.train_seconds
         bar = tqdm(total=p.epochs * spe, initial=start_step, disable=not self.dist.is_main,
                    unit="step", desc="pretrain", dynamic_ncols=True)
         with preemption.handler() as stop, self.completing_checkpoints():
@@ -454,7 +473,8 @@ class Trainer:
                     self.progress.step_in_epoch += 1
                     step = self.progress.global_step
                     end_of_epoch = self.progress.step_in_epoch == spe
-                    if step % p.log_every_steps == 0 or end_of_epoch:
+                    log_step = step % p.log_every_steps == 0
+                    if log_step or end_of_epoch:
                         self.check_losses()
                         self.log_step(live, self.last_loss)
                         rate = (step - start_step) * images_per_step / (time.perf_counter() - start_time)
@@ -464,7 +484,8 @@ class Trainer:
                         continue  # the epoch's end checkpoints and checks for a stop below
                     if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0:
                         self.save()
-                    if stop.requested:
+                    # read at log steps only: with several ranks it is a collective and a host wait
+                    if log_step and stop.requested:
                         self.stop(stop, bar)
                 if p.teacher == "previous_epoch":
                     copy_weights(self.teacher, self.student)
@@ -481,14 +502,13 @@ class Trainer:
                 if stop.requested:
                     self.stop(stop, bar)
         bar.close()
-        seconds = time.perf_counter() - start_time
-        trained = self.progress.global_step - start_step
+        seconds = self.progress.train_seconds  # the whole run's, a rerun of a finished one included
         return {
             "loss": self.progress.history[-1],
             "loss_first_epoch": self.progress.history[0],
             "epochs": p.epochs,
             "steps": self.progress.global_step,
-            "images_per_second": trained * images_per_step / seconds if trained else 0.0,
+            "images_per_second": self.progress.global_step * images_per_step / seconds if seconds else 0.0,
             "processes": self.dist.world_size,
             **{k: v for k, v in self.last_stats.items()},
         }
@@ -501,10 +521,21 @@ class Trainer:
         bar.close()
         preemption.leave(stop.signal_name, self.last_checkpoint, requeue=self.params.pretrain.on_preempt == "requeue")
 
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` averaged over the ranks (a NaN anywhere is a NaN everywhere), so that every rank
+        logs the same numbers and takes the same stop decisions (non-finite loss, collapse)."""
+        if self.dist.world_size > 1:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values / self.dist.world_size
+        return values
+
     def log_step(self, live, loss: float) -> None:
         p, it = self.params.pretrain, self.progress.global_step - 1
-        stats = {name: float(value) for name, value in self.loss.last_stats.items()}
-        stats["center_norm"] = float(self.loss.center.norm())
+        names = [*self.loss.last_stats, "center_norm"]
+        values = [torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in self.loss.last_stats.values()]
+        values = self.mean_over_ranks(torch.stack([*values, self.loss.center.norm().float()]))
+        stats = dict(zip(names, values.tolist()))  # one host wait
         self.last_stats = stats
         self.guard.update(it, p.log_every_steps, stats["teacher_entropy"], stats["teacher_batch_entropy"])
         if live is None:
@@ -544,11 +575,12 @@ def _truncate_live_logs(directory: Path, resume_step: int) -> None:
         header, rows = lines[0], lines[1:]
         column = header.split("\t").index("step")
         kept = [r for r in rows if int(r.split("\t")[column]) < resume_step]
-        tsv.write_text("\n".join([header, *kept]) + "\n")
+        write_text(tsv, "\n".join([header, *kept]) + "\n")  # atomically: a kill here keeps the whole curve
 
 
 def run(params: Params) -> dict:
-    dist = init_distributed()
+    # gloo when training on the CPU, even on a GPU node (NCCL reduces CUDA tensors only)
+    dist = init_distributed(backend="gloo" if params.pretrain.device == "cpu" else None)
     trainer = Trainer(params, dist)
     trainer.try_resume()
     live = open_live(params, trainer.progress.global_step) if dist.is_main else None

@@ -106,10 +106,11 @@ def test_changed_params_start_from_scratch(tmp_path, shards, caplog):
 
 def test_completed_run_is_not_repeated(tmp_path, shards, caplog):
     params = validate_params(params_at(tmp_path, shards, epochs=1))
-    pretrain.run(params)
+    first = pretrain.run(params)
     with caplog.at_level("INFO"):
         metrics = pretrain.run(params)
     assert "resumed from" in caplog.text and metrics["steps"] == 9
+    assert metrics == first and metrics["images_per_second"] > 0 and "teacher_entropy" in metrics
     exported = torch.load(params.paths.teacher_backbone, weights_only=False)
     assert set(exported) >= {"teacher_backbone", "model"}
 
@@ -150,3 +151,17 @@ def test_a_crop_size_the_patches_do_not_divide_is_refused_before_any_work(tmp_pa
     with pytest.raises(StageError, match=f"pretrain.{key} = {size} is not a multiple of model.patch_size = 4"):
         pretrain.run(params)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path, shards):
+    from stages.cli import StageError
+
+    params = validate_params(params_at(tmp_path, shards, epochs=1))
+    pretrain.run(params)
+    checkpoint = tmp_path / "checkpoints" / LATEST
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["world_size"] == 1
+    state["world_size"] = 4
+    torch.save(state, checkpoint)
+    with pytest.raises(StageError, match="written by 4 training processes, this run has 1: resume with 4"):
+        pretrain.run(params)

@@ -41,7 +41,7 @@ RUN_ONLY_KEYS = {
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's GPU only: a resume may see other GPUs
     return state
 
 
@@ -55,11 +55,16 @@ def all_rng_states() -> list[dict]:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states must be CPU byte tensors, wherever the checkpoint was loaded to (a GPU resume
+    # maps every tensor to the GPU)
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # checkpoints before 2026-12-08 hold every visible GPU's
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
 """Fault 2 outside SLURM: SIGTERM to pretrain, and SIGUSR1 to its whole process group (loader
-worker included, as slurmstepd and torchrun deliver signals) -> the step in flight finishes, a
-checkpoint of that step is written, the process exits with 75 (EX_TEMPFAIL, which Snakemake's
+worker included, as slurmstepd and torchrun deliver signals) -> training goes on to the next log
+step (every step here), a checkpoint of that step is written, the process exits with 75 (EX_TEMPFAIL, which Snakemake's
 retry and torchrun's restart treat as "run again"), and the rerun ends bitwise equal to an
 uninterrupted run. The SLURM requeue path is tests/slurm/test_pretrain_slurm.py."""
 
@@ -38,7 +38,7 @@ def preempt(stage: Stage, after_step: int, signum: int, whole_group: bool) -> in
     name = signal.Signals(signum).name
     assert code == EXIT_PREEMPTED, stage.output
     assert elapsed < GRACE_S, f"{name}: {elapsed:.1f}s to checkpoint and exit"
-    assert f"{name} received: stopping after this step" in stage.output
+    assert f"{name} received: stopping at the next log step" in stage.output
     stopped = re.search(rf"stopped on {name}; checkpoint (\S+); exiting with {EXIT_PREEMPTED}", stage.output)
     assert stopped, stage.output
     assert "requeued SLURM job" not in stage.output and "scontrol" not in stage.output  # no SLURM job
