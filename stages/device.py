@@ -52,9 +52,11 @@ def device_constant(values: tuple[float, ...], device: torch.device,
 
 
 def forward_precision(precision: str, device: torch.device) -> str:
-    """A params ``precision: auto | bf16 | fp32`` key resolved: "auto" is bf16 on CUDA, fp32 elsewhere."""
+    """A params ``precision: auto | bf16 | fp32`` key resolved: "auto" is bf16 on GPUs that have
+    it natively, fp32 elsewhere (older GPUs would emulate bf16, slower than fp32)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp32"
     return precision
 
 

@@ -340,7 +340,8 @@ def _full_data(params: Params, batch_size: int, device: torch.device, rank: int,
     logger.info("mode full: %d train images, %d val features of dim %d (pooling %s, n_last_blocks %d)",
                 batches.num_samples, val_x.shape[0], val_x.shape[1], pooling, n_last_blocks)
     # the checkpoint and the shards (manifest.json names and hashes every shard) determine the data
-    return batches, val_x, val_y, num_classes, f"{file_sha256(ckpt)}:{file_sha256(Path(params.paths.shards) / MANIFEST_NAME)}"
+    source = f"{file_sha256(ckpt)}:{file_sha256(Path(params.paths.shards) / MANIFEST_NAME)}"
+    return batches, val_x, val_y, num_classes, source
 
 
 def run(params: Params) -> dict[str, float]:

@@ -139,8 +139,9 @@ class Trainer:
         p = params.pretrain
         self.device = self._device(p.device)
         self.precision = resolve_precision(p.precision, self.device)
-        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16")
+        if (self.precision == "bf16" and self.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported(including_emulation=False)):
+            raise StageError("pretrain.precision = 'bf16' but this GPU does not support bfloat16 natively")
         if p.cuda_graphs:
             self.check_graphable()
         self.check_crop_sizes()
