@@ -202,16 +202,17 @@ def _string_values(section: dict) -> set[str]:
 
 def test_paths_come_from_params(both) -> None:
     """Every data path of the DAG is a `paths:` entry, an entry of a params section the stage
-    reads (e.g. davis.results), or another stage's metrics file under paths.metrics; every stage
+    reads (e.g. davis.results), or another stage's metrics file or figure; every stage
     writes its metrics to <paths.metrics>/<stage>.json and its plots under paths.plots (the
     evaluations) or paths.dvclive (the training curves)."""
     stages, rules, config = both
     paths = config["paths"]
     metrics_files = {f"{paths['metrics']}/{name}.json" for name in stages}
+    figures = set().union(*(stage.plots for stage in stages.values()))  # the report reads them
     for name, stage in stages.items():
         declared = set(paths.values()).union(*(_string_values(config[s]) for s in stage.params))
         data = {p for p in stage.deps if not p.startswith("stages/")} | stage.outs | stage.persist
-        undeclared = data - declared - metrics_files
+        undeclared = data - declared - metrics_files - (figures - set(stage.plots))
         assert not undeclared, (name, undeclared)
         assert f"{paths['metrics']}/{name}.json" not in stage.deps, name
         assert stage.metrics == {f"{paths['metrics']}/{name}.json"} or not stage.metrics

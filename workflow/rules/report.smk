@@ -2,8 +2,8 @@
 # report.inputs (<paths.metrics>/<stage>.json) and the figures under paths.plots and paths.dvclive,
 # gathered into paths.report (index.html, summary.md, figures/).
 #
-# Only the metrics files are declared: the figures come from the same stages, so the report
-# already runs after them. List in report.inputs only the stages this workflow has rules for
+# The metrics files and the figures it copies are declared (the training curves change with
+# pretrain.json). List in report.inputs only the stages this workflow has rules for
 # (Snakemake refuses an input no rule makes); a listed file that is absent at run time is shown as
 # "not run". The folder is marked for Snakemake's own report as well:
 #
@@ -15,6 +15,9 @@ rule report:
     input:
         code=code_files(["stages/report.py"]),
         metrics=[f"{config['paths']['metrics']}/{stage}.json" for stage in config["report"]["inputs"]],
+        # the figures it copies, as in dvc.yaml (attention maps redrawn at another threshold leave
+        # attention.json unchanged)
+        figures=[f"{config['paths']['plots']}/attention", f"{config['paths']['plots']}/tsne.png"],
     output:
         report=report(
             directory(config["paths"]["report"]),
