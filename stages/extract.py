@@ -174,7 +174,7 @@ def extract_features(
         pooling: one of `POOLINGS`.
         n_last_blocks: for ``last_blocks``.
         device: where to run.
-        precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32".
+        precision: "auto" (`stages.device.forward_precision`), "bf16" or "fp32".
         progress: show a tqdm bar (on rank 0 only).
         total: number of batches, for the bar.
         desc: the bar's label.

@@ -242,7 +242,7 @@ class Extract(Section):
     batch_size: PositiveInt = 128
     num_workers: NonNegInt = 4
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast on CUDA (fast), fp32 on CPU; fp32 everywhere: the reference's features
+    # auto: bf16 autocast on GPUs with native bf16 (fast), else fp32; fp32: the reference's features
     # (eval_knn.py runs the model in fp32)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 

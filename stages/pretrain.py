@@ -34,7 +34,7 @@ from tqdm import tqdm
 from stages import preemption
 from stages.atomic import torch_save, write_json, write_text
 from stages.cli import StageError, run_stage
-from stages.distributed import DistInfo, detect_launcher, init_distributed
+from stages.distributed import DistInfo, all_reduce_mean, detect_launcher, init_distributed
 from stages.dino.async_saver import AsyncCheckpointSaver
 from stages.dino.augment_lean import LeanMultiCrop, normalize_views
 from stages.dino.backbones import build_backbone_from_params
@@ -428,7 +428,8 @@ class Trainer:
         so a checkpoint never holds weights updated by a non-finite step."""
         if not self.pending_losses:
             return []
-        values = self.mean_over_ranks(torch.stack([loss for _, _, loss in self.pending_losses]).float()).tolist()
+        # averaged over ranks: every rank stops at the same non-finite step
+        values = all_reduce_mean(torch.stack([loss for _, _, loss in self.pending_losses]).float()).tolist()
         pending, self.pending_losses = self.pending_losses, []
         for (step, epoch, _), value in zip(pending, values):
             if not math.isfinite(value):
@@ -522,20 +523,12 @@ class Trainer:
         bar.close()
         preemption.leave(stop.signal_name, self.last_checkpoint, requeue=self.params.pretrain.on_preempt == "requeue")
 
-    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` averaged over the ranks (a NaN anywhere is a NaN everywhere), so that every rank
-        logs the same numbers and takes the same stop decisions (non-finite loss, collapse)."""
-        if self.dist.world_size > 1:
-            values = values.to(self.device)
-            torch.distributed.all_reduce(values)
-            values = values / self.dist.world_size
-        return values
-
     def log_step(self, live, loss: float) -> None:
         p, it = self.params.pretrain, self.progress.global_step - 1
         names = [*self.loss.last_stats, "center_norm"]
         values = [torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in self.loss.last_stats.values()]
-        values = self.mean_over_ranks(torch.stack([*values, self.loss.center.norm().float()]))
+        # averaged over ranks: every rank logs the same numbers and takes the same collapse decision
+        values = all_reduce_mean(torch.stack([*values, self.loss.center.norm().float()]))
         stats = dict(zip(names, values.tolist()))  # one host wait
         self.last_stats = stats
         self.guard.update(it, p.log_every_steps, stats["teacher_entropy"], stats["teacher_batch_entropy"])
